@@ -1,0 +1,5 @@
+import sys
+
+from muomni.cli import main
+
+sys.exit(main())

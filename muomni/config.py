@@ -1,0 +1,293 @@
+"""Configuration for every μOmni component, the presets, and JSON in/out.
+
+Each component has one dataclass whose fields carry a short comment. `OmniConfig` groups them, and
+`TrainConfig` holds the optimisation settings of one training stage. Presets:
+
+- ``tiny``: every stage trains in about two minutes on two CPU cores.
+- ``base``: the reference size for one 12 GB GPU (bf16 autocast, optional gradient checkpointing).
+
+Configs round-trip through plain dicts and JSON. A key that no dataclass knows raises
+`ConfigError` naming the key (and the closest known one), so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value that μOmni does not understand."""
+
+
+@dataclass
+class TransformerConfig:
+    """Settings shared by every transformer stack (Thinker, AuT, ViT, text tower, Talker)."""
+
+    d_model: int = 256  # width of the residual stream
+    n_layers: int = 4  # number of blocks
+    n_heads: int = 4  # query heads; head_dim = d_model // n_heads
+    n_kv_heads: int = 2  # key/value heads; fewer than n_heads means grouped-query attention
+    d_ff: int = 1024  # hidden width of the MLP (per expert for MoE)
+    mlp: str = "swiglu"  # "swiglu" (gated SiLU, three matrices) or "gelu" (two matrices)
+    norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
+    norm_eps: float = 1e-5  # epsilon inside the norms
+    bias: bool = False  # biases in the linear layers (the ViT reference uses them)
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    dropout: float = 0.0  # dropout on attention weights and residual branches
+    causal: bool = True  # causal (decoder) or bidirectional (encoder) attention
+    n_experts: int = 0  # >0 replaces each MLP with a mixture of this many experts
+    n_experts_per_token: int = 2  # top-k experts a token is routed to
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class ThinkerConfig(TransformerConfig):
+    """The decoder-only language model that reads every modality and writes text."""
+
+    vocab_size: int = 32000  # tokenizer vocabulary including special tokens
+    max_seq_len: int = 1024  # longest sequence the model accepts (prompt + generation)
+    tie_embeddings: bool = False  # share the input embedding with the output head
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    # Split of the rotary frequency pairs into (time, height, width) sections for multimodal
+    # positions (Qwen2.5-Omni's TMRoPE). Must sum to head_dim // 2. Text uses t = h = w.
+    mrope_section: tuple[int, int, int] = (16, 8, 8)
+
+
+@dataclass
+class AudioConfig(TransformerConfig):
+    """The AuT speech encoder: log-mel frontend, conv downsampling, transformer, CTC head."""
+
+    causal: bool = False
+    sample_rate: int = 16000  # every waveform is resampled to this rate
+    n_mels: int = 128  # mel bins of the frontend
+    win_ms: float = 25.0  # STFT window length
+    hop_ms: float = 10.0  # STFT hop: 100 mel frames per second
+    max_seconds: float = 30.0  # longer audio is rejected with a clear error
+    normalize: str = "utterance"  # "utterance" (per-utterance mean/std) or "global"
+    conv_channels: int = 256  # channels of the 4x downsampling convolutions
+    ctc_vocab: str = " abcdefghijklmnopqrstuvwxyz'"  # characters the CTC head predicts (blank is 0)
+    spec_time_masks: int = 2  # SpecAugment: time masks per utterance
+    spec_time_width: int = 20  # SpecAugment: widest time mask in frames
+    spec_freq_masks: int = 2  # SpecAugment: frequency masks per utterance
+    spec_freq_width: int = 16  # SpecAugment: widest frequency mask in bins
+
+
+@dataclass
+class VisionConfig(TransformerConfig):
+    """The ViT image encoder and the CLIP-style text tower used to train it (stage C)."""
+
+    causal: bool = False
+    mlp: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-6
+    bias: bool = True
+    n_kv_heads: int = 4
+    image_size: int = 224  # images are resized to image_size x image_size
+    patch_size: int = 16  # square patches; the grid is image_size // patch_size per side
+    embed_dim: int = 128  # width of the shared image-text embedding space
+    text_layers: int = 2  # depth of the contrastive text tower
+    text_max_len: int = 48  # longest caption (tokens) the text tower reads
+    init_temperature: float = 1 / 0.07  # initial logit scale of InfoNCE
+    max_temperature: float = 100.0  # the learnable logit scale is clamped to at most this
+
+
+@dataclass
+class CodecConfig:
+    """The speech codec: groups of mel frames -> conv encoder -> RVQ -> conv decoder -> mel."""
+
+    sample_rate: int = 16000  # waveform rate
+    n_fft: int = 1024  # STFT size of the codec/vocoder mel (Griffin-Lim inverts this)
+    hop_length: int = 160  # 10 ms hop: 100 mel frames per second
+    n_mels: int = 80  # mel bins the codec reconstructs
+    frames_per_code: int = 8  # mel frames per code frame: 100 / 8 = 12.5 code frames per second
+    hidden: int = 256  # channels of the conv encoder/decoder
+    n_codebooks: int = 4  # residual quantisers
+    codebook_size: int = 256  # entries per codebook
+    codebook_dim: int = 64  # dimension of each code vector
+    ema_decay: float = 0.99  # EMA rate of the codebook updates
+    dead_code_threshold: float = 1.0  # EMA usage below which a code is restarted from the batch
+    commitment_weight: float = 0.25  # weight of the commitment loss
+    quantizer_dropout: float = 0.5  # probability of training with a random number of codebooks
+
+
+@dataclass
+class TalkerConfig(TransformerConfig):
+    """The Talker: an autoregressive predictor of codec codes conditioned on the Thinker."""
+
+    d_model: int = 192
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 768
+    max_frames: int = 400  # longest utterance in code frames (32 s at 12.5 Hz)
+
+
+@dataclass
+class OmniConfig:
+    """The whole model: every component plus the projectors that join them."""
+
+    thinker: ThinkerConfig = field(default_factory=ThinkerConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    talker: TalkerConfig = field(default_factory=TalkerConfig)
+    projector_hidden: int = 512  # hidden width of the encoder -> Thinker projector MLPs
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one training stage."""
+
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 16  # samples per micro-batch (per process under torchrun)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    seq_len: int = 256  # packed sequence length of text stages
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warmup from 0
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    grad_clip: float = 1.0  # max global grad norm (0 disables)
+    eval_every: int = 200  # steps between validations (0 disables)
+    eval_batches: int = 8  # micro-batches per validation
+    save_every: int = 200  # steps between "last" checkpoints
+    log_every: int = 10  # steps between metrics.jsonl lines
+    seed: int = 0  # seeds model init, data order and augmentation
+    device: str = "auto"  # "auto" picks cuda > mps > cpu
+    compile: bool = False  # torch.compile the model (off by default: slow to start on CPU)
+    grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    fsdp: bool = False  # under torchrun, shard with FSDP2 instead of DDP
+    num_workers: int = 0  # DataLoader worker processes
+
+
+# ----------------------------------------------------------------------------------------------
+# Dicts and JSON
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as a plain, JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Build dataclass `cls` from `data`; unknown keys raise `ConfigError` naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config '{path or cls.__name__}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{where}' for {cls.__name__}{hint}")
+        kwargs[key] = _coerce(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or hint
+    if isinstance(expected, type) and not isinstance(value, expected):
+        raise ConfigError(f"config key '{where}' expects {expected.__name__}, got {value!r}")
+    return value
+
+
+def save_json(config: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+def apply_overrides(config: T, overrides: list[str]) -> T:
+    """Apply ``key=value`` strings (dotted keys, JSON values) and return a new config.
+
+    >>> apply_overrides(OmniConfig(), ["thinker.n_layers=2"]).thinker.n_layers
+    2
+    """
+    data = to_dict(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for depth, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key '{'.'.join(parents[: depth + 1])}'")
+            node = node[part]
+        if leaf not in node:
+            close = difflib.get_close_matches(leaf, list(node), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{key.strip()}'{hint}")
+        try:
+            node[leaf] = json.loads(raw)
+        except json.JSONDecodeError:
+            node[leaf] = raw  # bare strings such as mlp=gelu
+    return from_dict(type(config), data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+
+
+def tiny() -> OmniConfig:
+    """Every stage in about two minutes on two CPU cores."""
+    return OmniConfig(
+        thinker=ThinkerConfig(
+            d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=1024,
+            max_seq_len=512, tie_embeddings=True, mrope_section=(8, 4, 4),
+        ),
+        audio=AudioConfig(d_model=144, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=432, n_mels=80,
+                          conv_channels=144, max_seconds=12.0),
+        vision=VisionConfig(d_model=96, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=288,
+                            image_size=64, patch_size=8, embed_dim=96, text_layers=2),
+        codec=CodecConfig(hidden=128, n_codebooks=4, codebook_size=128, codebook_dim=32),
+        talker=TalkerConfig(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384),
+        projector_hidden=256,
+    )
+
+
+def base() -> OmniConfig:
+    """The reference size for one 12 GB GPU."""
+    return OmniConfig(
+        thinker=ThinkerConfig(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=1024,
+                              vocab_size=32000, max_seq_len=2048, mrope_section=(16, 8, 8)),
+        audio=AudioConfig(d_model=192, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=768,
+                          conv_channels=192),
+        vision=VisionConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=512,
+                            image_size=224, patch_size=16, embed_dim=128),
+        codec=CodecConfig(),
+        talker=TalkerConfig(d_model=192, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=768),
+        projector_hidden=512,
+    )
+
+
+PRESETS = {"tiny": tiny, "base": base}
+
+
+def preset(name: str) -> OmniConfig:
+    """The named preset as a fresh `OmniConfig`."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
