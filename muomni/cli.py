@@ -18,7 +18,7 @@ COMMANDS = {
     "eval": "muomni.eval:main",
     "chat": "muomni.chat:main",
     "bench": "muomni.bench:main",
-    "plan": "muomni.bench:plan_main",
+    "plan": "muomni.train.memory_plan:main",
     "demo": "muomni.demo:main",
 }
 
