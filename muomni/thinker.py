@@ -1,0 +1,328 @@
+"""The Thinker: a decoder-only language model that reads every modality and writes text.
+
+A Llama-style stack (Touvron et al., 2023) built from `muomni.layers`: token embedding, pre-norm
+blocks with RMSNorm, rotary positions, grouped-query attention and SwiGLU, a final norm and a
+vocabulary head (tied to the embedding or not). As in Qwen2.5-Omni's Thinker, it can read
+``inputs_embeds`` instead of token ids, so projected image/audio/video features can sit in the
+sequence, and multimodal positions ``(3, batch, seq)`` (time, height, width) rotate separate
+frequency bands; text uses the same value in all three, which equals plain 1-D RoPE.
+
+Shapes::
+
+    input_ids       (batch, seq)               token ids
+    inputs_embeds   (batch, seq, d_model)      instead of input_ids
+    attention_mask  (batch, seq)               True/1 on real tokens, False/0 on (left) padding
+    position_ids    (batch, seq) or (3, batch, seq)
+    logits          (batch, seq, vocab_size)
+    hidden          (batch, seq, d_model)      after the final norm
+
+`Thinker.loss` fuses the vocabulary head with the cross-entropy and works through the tokens in
+chunks, so the full ``(tokens, vocab)`` logits are never stored for the backward pass (the idea
+of Liger Kernel's fused linear cross-entropy). `Thinker.generate` decodes with a preallocated KV
+cache: greedy, temperature, top-k and top-p sampling, stop tokens, batched left-padded prompts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from muomni.config import ThinkerConfig
+from muomni.layers import KVCache, RotaryEmbedding, Transformer, text_positions
+
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss
+EOS_ID, IM_END_ID, PAD_ID = 2, 4, 0  # fixed special ids (see muomni.tokenizer)
+
+
+class ThinkerError(ValueError):
+    """A Thinker input that does not fit the model (too long, wrong shape)."""
+
+
+class ThinkerOutput(NamedTuple):
+    logits: torch.Tensor  # (batch, seq, vocab_size)
+    hidden: torch.Tensor  # (batch, seq, d_model), final-normed
+    aux_loss: torch.Tensor  # MoE load-balancing loss (0 without experts)
+
+
+class Thinker(nn.Module):
+    """Decoder-only LM over token ids or input embeddings."""
+
+    def __init__(self, cfg: ThinkerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        self.transformer = Transformer(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # Residual projections start smaller so the residual stream's variance does not grow with
+        # depth (GPT-2's scaled init).
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.out.weight", "down.weight")):
+                nn.init.normal_(param, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied head is counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``(batch, seq) -> (batch, seq, d_model)``."""
+        return self.tok_emb(input_ids)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions."""
+        if max_len > self.cfg.max_seq_len:
+            raise ThinkerError(f"cache of {max_len} positions exceeds max_seq_len {self.cfg.max_seq_len}")
+        weight = self.tok_emb.weight
+        return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
+                       dtype=weight.dtype, device=weight.device)
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None, *,
+                      inputs_embeds: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed hidden states ``(batch, seq, d_model)`` and the MoE aux loss (no head)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ThinkerError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = x.shape[:2]
+        past = cache.length if cache is not None else 0
+        if past + seq > self.cfg.max_seq_len:
+            raise ThinkerError(f"sequence of {past + seq} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # all real tokens: let attention use its fast causal path
+        if cache is not None:
+            cache.append_mask(attention_mask, seq)
+        if position_ids is None:
+            position_ids = self._default_positions(batch, seq, x.device, attention_mask, cache)
+        rope = self.rope(position_ids)
+        # With a cache the attention reads the padding from the cache's own mask.
+        key_padding_mask = None if cache is not None else attention_mask
+        hidden = self.transformer(x, rope, key_padding_mask, cache)
+        return hidden, self.transformer.aux_loss()
+
+    def _default_positions(self, batch: int, seq: int, device: torch.device,
+                           attention_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        if cache is not None and cache.length > 0:
+            # Count real tokens so far, row by row, so left padding never shifts a position.
+            return text_positions(cache.mask[:, : cache.length + seq])[:, cache.length:]
+        if attention_mask is not None:
+            return text_positions(attention_mask)
+        return torch.arange(seq, device=device).expand(batch, seq)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *,
+                inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ThinkerOutput:
+        hidden, aux_loss = self.hidden_states(input_ids, inputs_embeds=inputs_embeds,
+                                              attention_mask=attention_mask, position_ids=position_ids,
+                                              cache=cache)
+        return ThinkerOutput(self.head(hidden), hidden, aux_loss)
+
+    def loss(self, input_ids: torch.Tensor | None, targets: torch.Tensor,
+             attention_mask: torch.Tensor | None = None, *,
+             inputs_embeds: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy (+ ``moe_aux_weight`` x MoE aux loss).
+
+        ``targets`` ``(batch, seq)`` is already shifted: ``targets[:, t]`` is the token that should
+        follow position ``t`` (``input_ids[:, t + 1]`` for plain text); ``-100`` is ignored.
+        """
+        hidden, aux_loss = self.hidden_states(input_ids, inputs_embeds=inputs_embeds,
+                                              attention_mask=attention_mask, position_ids=position_ids)
+        loss = linear_cross_entropy(hidden, self.head.weight, targets)
+        if self.cfg.n_experts > 0:
+            loss = loss + self.cfg.moe_aux_weight * aux_loss
+        return loss
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, *,
+                 inputs_embeds: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 stop_ids: tuple[int, ...] = (EOS_ID, IM_END_ID), return_hidden: bool = False,
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 ) -> list[list[int]] | tuple[list[list[int]], list[torch.Tensor]]:
+        """Continue each prompt row; return the new token ids per row (stop token excluded).
+
+        Prompts are left-padded: ``attention_mask`` ``(batch, seq)`` marks real tokens. New tokens
+        take positions (largest prompt position of the row) + 1, + 2, ... in every axis, so 3-D
+        multimodal prompts continue correctly. ``temperature=0`` is greedy. With ``return_hidden``
+        also returns, per row, the ``(n_new, d_model)`` hidden states each new token was predicted
+        from. ``use_cache=False`` recomputes the whole sequence every step (for comparison).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ThinkerError("pass exactly one of input_ids and inputs_embeds")
+        prompt = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq = prompt.shape[:2]
+        total = seq + max_new_tokens
+        if total > self.cfg.max_seq_len:
+            raise ThinkerError(f"prompt of {seq} tokens + max_new_tokens {max_new_tokens} = {total} "
+                               f"exceeds max_seq_len {self.cfg.max_seq_len}; shorten the prompt or ask for fewer tokens")
+        device = prompt.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        attention_mask = attention_mask.bool()
+        if position_ids is None:
+            position_ids = text_positions(attention_mask)
+        # Next position of each row, the same in every axis for multimodal positions.
+        real = position_ids.masked_fill(~attention_mask, 0)
+        next_pos = (real.amax(dim=(0, 2)) if real.dim() == 3 else real.amax(dim=1)) + 1  # (batch,)
+
+        cache = self.new_cache(batch, total) if use_cache else None
+        hidden, _ = self.hidden_states(inputs_embeds=prompt, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache=cache)
+        last = hidden[:, -1]  # left padding puts every row's last real token in the last column
+        stop = torch.tensor(list(stop_ids), device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        new_tokens, hiddens = [], []
+        step_mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = sample(self.head(last), temperature, top_k, top_p, generator)  # (batch,)
+            token = token.masked_fill(done, PAD_ID)
+            new_tokens.append(token)
+            if return_hidden:
+                hiddens.append(last)
+            done = done | torch.isin(token, stop)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            pos = (next_pos + step).unsqueeze(1)  # (batch, 1)
+            pos = pos.expand(3, batch, 1) if position_ids.dim() == 3 else pos
+            if use_cache:
+                hidden, _ = self.hidden_states(token.unsqueeze(1), position_ids=pos, cache=cache)
+            else:
+                prompt = torch.cat([prompt, self.embed(token.unsqueeze(1))], dim=1)
+                attention_mask = torch.cat([attention_mask, step_mask], dim=1)
+                position_ids = torch.cat([position_ids, pos], dim=-1)
+                hidden, _ = self.hidden_states(inputs_embeds=prompt, attention_mask=attention_mask,
+                                               position_ids=position_ids)
+            last = hidden[:, -1]
+        return self._collect(new_tokens, hiddens, stop_ids, return_hidden)
+
+    @staticmethod
+    def _collect(new_tokens: list[torch.Tensor], hiddens: list[torch.Tensor], stop_ids: tuple[int, ...],
+                 return_hidden: bool) -> list[list[int]] | tuple[list[list[int]], list[torch.Tensor]]:
+        rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else []
+        stops = set(stop_ids)
+        lengths = [next((i for i, t in enumerate(row) if t in stops), len(row)) for row in rows]
+        tokens = [row[:n] for row, n in zip(rows, lengths)]
+        if not return_hidden:
+            return tokens
+        stacked = torch.stack(hiddens, dim=1) if hiddens else None
+        return tokens, [stacked[i, :n] for i, n in enumerate(lengths)] if stacked is not None else []
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from logits ``(batch, vocab)``: greedy at temperature 0, else sampled
+    from the temperature-scaled distribution restricted to the top-k ids and the top-p nucleus."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused, chunked vocabulary head + cross-entropy
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_size: int = 1024) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ignoring ``-100``.
+
+    hidden ``(..., d_model)``, weight ``(vocab, d_model)``, targets ``(...)``. Equal to
+    ``F.cross_entropy(F.linear(hidden, weight).flatten(0, -2), targets.flatten())`` but the logits
+    of at most ``chunk_size`` tokens exist at a time. When gradients are needed they are computed
+    in the same pass (softmax minus one-hot, already in hand) and kept for the backward pass, so
+    the head costs three matmuls and no stored ``(tokens, vocab)`` tensor.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    if not bool(keep.all()):
+        hidden, targets = hidden[keep], targets[keep]  # ignored tokens cost nothing
+    if targets.numel() == 0:
+        return (hidden.sum() + weight.sum()) * 0.0  # no target: zero loss that still backpropagates
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_size):
+        logits = F.linear(hidden[start:start + chunk_size], weight).float()
+        total += F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
+    return total / targets.numel()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and both gradients chunk by chunk; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_size: int) -> torch.Tensor:
+        device_type = hidden.device.type
+        # Under autocast, do the matmuls in the autocast dtype and the softmax in float32.
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        n = targets.numel()
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(device_type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, n, chunk_size):
+                h_chunk, t_chunk = h[start:start + chunk_size], targets[start:start + chunk_size]
+                logits = (h_chunk @ w.t()).float()  # (chunk, vocab)
+                lse = logits.logsumexp(dim=-1, keepdim=True)
+                rows = torch.arange(len(t_chunk), device=logits.device)
+                total += (lse.squeeze(1) - logits[rows, t_chunk]).sum()
+                # d(loss)/d(logits) = (softmax - onehot) / n, built in place over the logits buffer.
+                grad = logits.sub_(lse).exp_()
+                grad[rows, t_chunk] -= 1.0
+                grad = grad.mul_(1.0 / n).to(dtype)
+                if need_hidden:
+                    grad_hidden[start:start + chunk_size] = grad @ w
+                if need_weight and dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), h_chunk)
+                elif need_weight:
+                    grad_weight += (grad.t() @ h_chunk).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if need_weight else None)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_output if grad_hidden is not None else None
+        grad_weight = grad_weight * grad_output if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None
