@@ -99,6 +99,9 @@ class VisionConfig(TransformerConfig):
     embed_dim: int = 128  # width of the shared image-text embedding space
     text_layers: int = 2  # depth of the contrastive text tower
     text_max_len: int = 48  # longest caption (tokens) the text tower reads
+    text_causal: bool = True  # causal text tower (as in CLIP) or bidirectional
+    text_pool: str = "eos"  # caption vector: "eos" (state at the end-of-text token) or "mean"
+    augment_min_scale: float = 0.8  # training crops keep at least this fraction of the area (1: none)
     init_temperature: float = 1 / 0.07  # initial logit scale of InfoNCE
     max_temperature: float = 100.0  # the learnable logit scale is clamped to at most this
 

@@ -1,0 +1,255 @@
+"""Vision: image loading in every PIL mode, transforms, the ViT (against torchvision), merging, CLIP."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+from muomni.config import VisionConfig
+from muomni.vision import (
+    CLIP, ImageError, TextTower, ViT, caption_ids, image_transform, info_nce, load_image, merge_2x2, patch_grid,
+)
+
+CFG = VisionConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64, image_size=32, patch_size=8,
+                   embed_dim=16, text_layers=1, text_max_len=12)
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT
+
+
+def test_vit_returns_cls_and_every_patch():
+    vit = ViT(CFG)
+    out = vit(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 1 + 4 * 4, 32)
+    assert vit.patch_grid(32, 48) == (4, 6) == patch_grid(32, 48, 8)
+    with pytest.raises(ValueError, match="does not split into 8x8 patches"):
+        vit(torch.randn(1, 3, 30, 32))
+
+
+def test_patch_embedding_is_a_linear_map_of_each_patch():
+    vit = ViT(CFG)
+    images = torch.randn(2, 3, 32, 32)
+    patches = F.unfold(images, kernel_size=8, stride=8).transpose(1, 2)  # (batch, 16, 3 * 8 * 8)
+    by_hand = patches @ vit.patch_embed.weight.flatten(1).T + vit.patch_embed.bias
+    expected = by_hand + vit.pos_embed[:, 1:]
+    torch.testing.assert_close(vit.embed(images)[:, 1:], expected)
+
+
+def test_positional_embeddings_interpolate_to_new_grids():
+    vit = ViT(CFG)
+    assert vit.position_embeddings((4, 4)) is vit.pos_embed
+    bigger = vit.position_embeddings((6, 8))
+    assert bigger.shape == (1, 1 + 48, 32)
+    torch.testing.assert_close(bigger[:, :1], vit.pos_embed[:, :1])  # CLS keeps its embedding
+    with torch.no_grad():  # a position-independent embedding must stay the same at any size
+        vit.pos_embed[:, 1:] = vit.pos_embed[:, 1:2]
+    torch.testing.assert_close(vit.position_embeddings((6, 8))[:, 1:], vit.pos_embed[:, 1:2].expand(1, 48, 32))
+    assert vit(torch.randn(1, 3, 48, 64)).shape == (1, 1 + 48, 32)
+
+
+def torchvision_copy(vit: ViT, cfg: VisionConfig) -> torchvision.models.VisionTransformer:
+    """A torchvision ViT of the same config holding ``vit``'s weights."""
+    ref = torchvision.models.VisionTransformer(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, num_layers=cfg.n_layers, num_heads=cfg.n_heads,
+        hidden_dim=cfg.d_model, mlp_dim=cfg.d_ff)
+    with torch.no_grad():
+        ref.conv_proj.load_state_dict(vit.patch_embed.state_dict())
+        ref.class_token.copy_(vit.cls_token)
+        ref.encoder.pos_embedding.copy_(vit.pos_embed)
+        for ours, theirs in zip(vit.encoder.blocks, ref.encoder.layers):
+            theirs.ln_1.load_state_dict(ours.attn_norm.state_dict())
+            theirs.self_attention.in_proj_weight.copy_(ours.attn.qkv.weight)
+            theirs.self_attention.in_proj_bias.copy_(ours.attn.qkv.bias)
+            theirs.self_attention.out_proj.load_state_dict(ours.attn.out.state_dict())
+            theirs.ln_2.load_state_dict(ours.mlp_norm.state_dict())
+            theirs.mlp[0].load_state_dict(ours.mlp.up.state_dict())
+            theirs.mlp[3].load_state_dict(ours.mlp.down.state_dict())
+        ref.encoder.ln.load_state_dict(vit.encoder.norm.state_dict())
+    return ref.eval()
+
+
+def test_vit_matches_torchvision_with_the_same_weights():
+    torch.manual_seed(0)
+    vit = ViT(CFG).eval()
+    ref = torchvision_copy(vit, CFG)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        tokens = ref._process_input(images)
+        tokens = torch.cat([ref.class_token.expand(3, -1, -1), tokens], dim=1)
+        expected = ref.encoder(tokens)
+        ours = vit(images)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    # and through torchvision's own classification head on the CLS token
+    with torch.no_grad():
+        torch.testing.assert_close(ref.heads(ours[:, 0]), ref(images), atol=1e-5, rtol=1e-4)
+
+
+def test_merge_2x2_concatenates_neighbours():
+    grid = torch.arange(4 * 6).float().view(1, 24, 1)  # patch value = its row-major index
+    merged, merged_grid = merge_2x2(grid, (4, 6))
+    assert merged.shape == (1, 6, 4) and merged_grid == (2, 3)
+    assert merged[0, 0].tolist() == [0, 1, 6, 7]  # top-left block: (0,0) (0,1) (1,0) (1,1)
+    assert merged[0, 4].tolist() == [14, 15, 20, 21]  # second block row, middle block
+    odd, odd_grid = merge_2x2(torch.arange(9).float().view(1, 9, 1), (3, 3))
+    assert odd_grid == (2, 2) and odd[0, 3].tolist() == [8, 8, 8, 8]  # corner repeated into the pad
+    with pytest.raises(ValueError, match="drop the CLS token"):
+        merge_2x2(torch.zeros(1, 17, 2), (4, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# Contrastive model
+
+
+def test_info_nce_is_symmetric_and_prefers_matching_pairs():
+    logits = torch.randn(6, 6)
+    torch.testing.assert_close(info_nce(logits), info_nce(logits.T))
+    targets = torch.arange(6)
+    expected = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    torch.testing.assert_close(info_nce(logits), expected)
+    assert info_nce(10 * torch.eye(6)) < 0.01 < info_nce(torch.zeros(6, 6))
+
+
+def test_info_nce_treats_repeated_captions_as_positives():
+    # pairs 0 and 1 share a caption text, so which of the two goes with which image cannot matter
+    logits = torch.randn(4, 4)
+    swapped = logits[:, [1, 0, 2, 3]]
+    groups = torch.tensor([7, 7, 3, 5])
+    torch.testing.assert_close(info_nce(swapped, groups), info_nce(logits, groups))
+    assert not torch.allclose(info_nce(swapped), info_nce(logits))  # plain InfoNCE would care
+    torch.testing.assert_close(info_nce(logits, groups), info_nce(logits.T, groups))
+
+
+def test_logit_scale_starts_at_one_over_0_07_and_is_clamped():
+    model = CLIP(CFG, vocab_size=50)
+    assert math.isclose(model.logit_scale().item(), 1 / 0.07, rel_tol=1e-5)
+    with torch.no_grad():
+        model.log_logit_scale.fill_(math.log(1000.0))
+    scale = model.logit_scale()
+    assert scale.item() == pytest.approx(CFG.max_temperature)
+    scale.backward()
+    assert model.log_logit_scale.grad.item() == 0.0  # clamped: no push further up
+
+
+def test_clip_gives_unit_vectors_and_square_logits():
+    model = CLIP(CFG, vocab_size=50)
+    ids = torch.randint(8, 50, (3, 7))
+    logits = model(torch.randn(3, 3, 32, 32), ids, torch.ones(3, 7, dtype=torch.bool))
+    assert logits.shape == (3, 3)
+    torch.testing.assert_close(model.encode_image(torch.randn(2, 3, 32, 32)).norm(dim=-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("causal,pool", [(True, "eos"), (False, "eos"), (False, "mean"), (True, "mean")])
+def test_text_tower_ignores_padding(causal, pool):
+    tower = TextTower(dataclasses.replace(CFG, text_causal=causal, text_pool=pool), vocab_size=50).eval()
+    ids = torch.tensor([[1, 20, 21, 22, 2]])
+    padded = torch.tensor([[1, 20, 21, 22, 2, 0, 0]])
+    short = tower(ids, torch.ones_like(ids, dtype=torch.bool))
+    long = tower(padded, padded != 0)
+    torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-4)
+
+
+def test_caption_ids_keep_the_end_of_text_token():
+    class Letters:  # one id per character
+        bos_id, eos_id = 1, 2
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    assert caption_ids(Letters(), "ab", 10) == [1, 97, 98, 2]
+    assert caption_ids(Letters(), "abcdefgh", 5) == [1, 97, 98, 99, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and transforms
+
+
+def half_red_half_blue(size=(8, 6)) -> Image.Image:
+    image = Image.new("RGB", size, (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, size[0] // 2, size[1]))
+    return image
+
+
+@pytest.mark.parametrize("mode,make,suffix,expected", [
+    ("L", lambda: Image.new("L", (4, 4), 200), ".png", (200, 200, 200)),
+    ("1", lambda: Image.new("1", (4, 4), 1), ".png", (255, 255, 255)),
+    ("LA", lambda: Image.new("LA", (4, 4), (0, 0)), ".png", (255, 255, 255)),  # transparent -> white
+    ("RGBA", lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 255)), ".png", (255, 0, 0)),
+    ("RGBA", lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 0)), ".png", (255, 255, 255)),
+    ("RGBA", lambda: Image.new("RGBA", (4, 4), (0, 0, 0, 128)), ".png", (127, 127, 127)),
+    ("P", lambda: Image.new("RGB", (4, 4), (0, 128, 0)).convert("P", palette=Image.Palette.ADAPTIVE), ".png",
+     (0, 128, 0)),
+    ("CMYK", lambda: Image.new("CMYK", (4, 4), (0, 255, 255, 0)), ".tiff", (255, 0, 0)),
+    ("I;16", lambda: Image.new("I;16", (4, 4), 65535), ".png", (255, 255, 255)),
+    ("I;16", lambda: Image.new("I;16", (4, 4), 32896), ".png", (128, 128, 128)),
+])
+def test_every_pil_mode_loads_as_rgb(tmp_path, mode, make, suffix, expected):
+    image = make()
+    assert image.mode == mode
+    path = tmp_path / f"x{suffix}"
+    image.save(path)
+    loaded = load_image(path)
+    assert loaded.mode == "RGB" and loaded.size == (4, 4)
+    assert all(abs(a - b) <= 1 for a, b in zip(loaded.getpixel((1, 1)), expected))
+
+
+def test_palette_transparency_is_composited_on_white(tmp_path):
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0])
+    image.info["transparency"] = 0
+    image.putpixel((0, 0), 1)
+    image.save(tmp_path / "p.png", transparency=0)
+    loaded = load_image(tmp_path / "p.png")
+    assert loaded.getpixel((0, 0)) == (255, 0, 0) and loaded.getpixel((2, 2)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = half_red_half_blue((8, 6))  # red on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "rot.png", exif=exif)
+    loaded = load_image(tmp_path / "rot.png")
+    assert loaded.size == (6, 8)
+    assert loaded.getpixel((3, 0)) == (255, 0, 0) and loaded.getpixel((3, 7)) == (0, 0, 255)  # red on top
+
+
+def test_bad_images_raise_one_line_errors(tmp_path):
+    with pytest.raises(ImageError, match="missing.png does not exist"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"empty.png is empty \(0 bytes\)"):
+        load_image(tmp_path / "empty.png")
+    (tmp_path / "text.png").write_text("not an image at all")
+    with pytest.raises(ImageError, match="text.png is not an image Pillow can read"):
+        load_image(tmp_path / "text.png")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="cut.png is truncated or corrupt"):
+        load_image(tmp_path / "cut.png")
+    with pytest.raises(ImageError, match="full.png is 64x64 pixels, more than the limit of 1000"):
+        load_image(tmp_path / "full.png", max_pixels=1000)
+    with pytest.raises(ImageError, match=r"zero size \(0x5 pixels\)"):
+        load_image(Image.new("RGB", (0, 5)))
+    with pytest.raises(ImageError, match="is not a file"):
+        load_image(tmp_path)
+    assert issubclass(ImageError, ValueError)  # the CLI prints ValueErrors as one line
+
+
+def test_transforms_resize_normalise_and_never_flip():
+    image = half_red_half_blue((80, 64))
+    evaluated = image_transform(32)(image)
+    assert evaluated.shape == (3, 32, 32) and evaluated.dtype == torch.float32
+    train = image_transform(32, train=True, min_scale=0.8)
+    torch.manual_seed(0)
+    for _ in range(20):
+        x = train(image)
+        assert x.shape == (3, 32, 32)
+        assert x[0, :, :4].mean() > x[2, :, :4].mean()  # the left edge stays red
+        assert x[2, :, -4:].mean() > x[0, :, -4:].mean()  # the right edge stays blue
