@@ -146,6 +146,7 @@ class OmniConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     talker: TalkerConfig = field(default_factory=TalkerConfig)
     projector_hidden: int = 512  # hidden width of the encoder -> Thinker projector MLPs
+    video_frames: int = 4  # frames sampled uniformly from each video clip for the Thinker
 
 
 @dataclass
