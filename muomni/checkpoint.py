@@ -75,17 +75,22 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
+    storages: set[tuple] = set()
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"state dict entry '{name}' is a {type(tensor).__name__}, not a tensor")
         tensor = tensor.detach()
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-               tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        key = (*storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if tensor.numel() and key in seen:
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = tensor.to("cpu").contiguous()
+        # A different view of storage already stored (e.g. a slice) gets its own copy.
+        shares = tensor.numel() and storage in storages
+        storages.add(storage)
+        tensor = tensor.to("cpu").contiguous()
+        tensors[name] = tensor.clone() if shares else tensor
     return tensors, aliases
 
 
