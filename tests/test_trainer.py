@@ -1,0 +1,190 @@
+"""The training engine: exact resume, DDP equivalence, NaN stop, grad accumulation, run-dir layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from muomni.checkpoint import load_checkpoint
+from muomni.config import ConfigError, TrainConfig, TransformerConfig
+from muomni.layers import Transformer
+from muomni.train.stages import resolve_configs
+from muomni.train.trainer import Trainer, TrainError, lr_at, param_groups
+
+VOCAB, SEQ = 32, 12
+
+
+class ToyLM(nn.Module):
+    """A two-block causal LM; dropout makes the run depend on the RNG state."""
+
+    def __init__(self, dropout: float = 0.1):
+        super().__init__()
+        cfg = TransformerConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32, dropout=dropout)
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.body = Transformer(cfg)
+        self.head = nn.Linear(16, VOCAB, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.emb(ids)))
+
+
+class ToyData(torch.utils.data.Dataset):
+    """Counting sequences; with ``augment`` the start is shifted by a draw from the global RNG."""
+
+    def __init__(self, augment: bool = True):
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        start = i + (int(torch.randint(0, 3, ())) if self.augment else 0)
+        return {"ids": (torch.arange(SEQ + 1) + start) % VOCAB}
+
+
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    return {"ids": torch.stack([item["ids"] for item in items])}
+
+
+def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    ids = batch["ids"]
+    logits = model(ids[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    return loss, {"tokens": float(ids[:, 1:].numel())}
+
+
+def config(**changes) -> TrainConfig:
+    base = dict(steps=6, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=2, eval_every=3, eval_batches=2,
+                save_every=3, log_every=1, device="cpu", seed=1)
+    return TrainConfig(**{**base, **changes})
+
+
+def make_trainer(out, cfg, loss_fn=lm_loss, seed=0, dropout=0.1) -> Trainer:
+    """Random (dropout, augmentation) by default; ``dropout=0`` makes the run deterministic."""
+    torch.manual_seed(seed)
+    data = ToyData(augment=dropout > 0)
+    return Trainer(ToyLM(dropout), cfg, out, data, collate, loss_fn, val_data=data,
+                   run_config={"model": {"d_model": 16}}, checkpoint_extra={"kind": "toy"})
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0]
+
+
+def test_schedule_and_weight_decay_groups():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3) and lr_at(55, cfg) == pytest.approx(0.55)
+    decay, no_decay = param_groups(ToyLM(), 0.1)
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 5  # 2 x 2 block norms + final norm
+
+
+def test_exact_resume_is_bit_identical_and_writes_the_run_layout(tmp_path):
+    full = make_trainer(tmp_path / "full", config())
+    final = full.fit()
+    run = tmp_path / "full"
+    for name in ("best", "last"):
+        assert {"model.safetensors", "config.json"} <= {p.name for p in (run / name).iterdir()}
+    assert (run / "last" / "trainer_state.pt").exists() and not (run / "best" / "trainer_state.pt").exists()
+    assert (run / "loss.png").stat().st_size > 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["finished"] and info["train"]["steps"] == 6 and info["model"] == {"d_model": 16}
+    assert json.loads((run / "last" / "config.json").read_text()) == {"d_model": 16, "kind": "toy"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert final["step"] == 6 and math.isfinite(final["val_loss"])
+
+    calls = {"n": 0}
+
+    def dies_in_step_five(model, batch):
+        calls["n"] += model.training  # count training micro-batches only (validation also calls)
+        if calls["n"] == 2 * 4 + 1:  # first micro-batch of step 5: the last save was at step 3
+            raise KeyboardInterrupt
+        return lm_loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path / "killed", config(), dies_in_step_five).fit()
+    # A fresh process: different init and RNG state, everything must come from the checkpoint.
+    torch.manual_seed(123)
+    resumed = make_trainer(tmp_path / "killed", config(), seed=99)
+    resumed.fit(resume=True)
+    a, b = weights(run / "last"), weights(tmp_path / "killed" / "last")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    untimed = [{k: v for k, v in r.items() if not k.endswith("_s")} for r in lines]
+    assert untimed == [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+    with pytest.raises(TrainError, match="cannot resume"):
+        make_trainer(tmp_path / "nothing", config()).fit(resume=True)
+
+
+def test_nan_loss_stops_naming_step_and_batch_and_keeps_last_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def explodes_at_step_four(model, batch):
+        calls["n"] += model.training
+        loss, metrics = lm_loss(model, batch)
+        return (loss * math.nan if calls["n"] == 3 * 2 + 2 else loss), metrics
+
+    # 40 samples in micro-batches of 4: step 4's second micro-batch is batch 7 of epoch 0.
+    with pytest.raises(TrainError, match=r"loss is not finite at step 4 \(epoch 0, batch 7, samples \["):
+        make_trainer(tmp_path, config(save_every=2), explodes_at_step_four).fit()
+    state = torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "last").values())
+    assert not json.loads((tmp_path / "run.json").read_text())["finished"]
+
+
+def test_grad_accumulation_matches_a_bigger_batch(tmp_path):
+    make_trainer(tmp_path / "big", config(batch_size=8, grad_accum=1), dropout=0.0).fit()
+    make_trainer(tmp_path / "accum", config(batch_size=4, grad_accum=2), dropout=0.0).fit()
+    a, b = weights(tmp_path / "big" / "last"), weights(tmp_path / "accum" / "last")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-6)
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    make_trainer(out, config(batch_size=2, grad_accum=2), dropout=0.0).fit()
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    make_trainer(tmp_path / "single", config(batch_size=4, grad_accum=2), dropout=0.0).fit()
+    a, b = weights(tmp_path / "single" / "last"), weights(tmp_path / "ddp" / "last")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-6)
+
+    def losses(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    assert losses("ddp") == pytest.approx(losses("single"), abs=1e-6)
+    assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+
+
+def test_unknown_set_key_fails_naming_the_key():
+    defaults = {"tiny": TrainConfig(steps=5)}
+    omni, train = resolve_configs("tiny", defaults, ["train.lr=0.5", "thinker.n_layers=2"])
+    assert train.lr == 0.5 and train.steps == 5 and omni.thinker.n_layers == 2
+    with pytest.raises(ConfigError, match=r"'train\.lrr'.*did you mean 'train\.lr'"):
+        resolve_configs("tiny", defaults, ["train.lrr=1e-3"])
+    with pytest.raises(ConfigError, match="'thinker.d_modle'"):
+        resolve_configs("tiny", defaults, ["thinker.d_modle=64"])
+    with pytest.raises(ConfigError, match="did you mean 'train.steps'"):
+        resolve_configs("tiny", defaults, ["steps=3"])
+    with pytest.raises(ConfigError, match="no training defaults for preset 'base'"):
+        resolve_configs("base", defaults, [])
