@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--chats", type=int, default=None, help="number of SFT chats")
     world.add_argument("--image-size", type=int, default=None, help="image side in pixels")
     world.add_argument("--force", action="store_true", help="rebuild even if the world is complete")
+    world.add_argument("--workers", type=int, default=2, help="processes that render media")
 
     train = sub.add_parser("train", help="train one stage")
     train.add_argument("--stage", required=True, help="thinker, audio, vision, speech, vocoder or sft")

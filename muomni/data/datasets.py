@@ -1,0 +1,210 @@
+"""Map-style datasets over indexed manifests, and a deterministic per-epoch shuffler.
+
+- `ManifestDataset(path, transform)`: item `i` is `transform(record, base_dir)` for line `i` of a
+  JSONL manifest, with `base_dir` the manifest's folder (media paths are relative to it). Errors in a
+  record come back naming the file and line.
+- Record transforms for each stage: `asr_pair` / `tts_pair` (audio + transcript), `image_captions`,
+  `video_qa`, `chat` (messages with absolute media paths). They resolve and check paths; loading the
+  pixels or samples is the job of `muomni.vision` / `muomni.audio` / `muomni.video`.
+- `TextPackedDataset(paths, tokenizer, seq_len)`: documents tokenised as `<bos> text <eos>`, joined
+  into one stream and cut into windows: `input_ids (seq_len,)`, `targets (seq_len,)` shifted by one.
+- `EpochShuffler`: a sampler whose order is a function of (seed, epoch) only, so a resumed run sees
+  the same batches; it shards across DDP ranks and can start mid-epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, Sized
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from muomni.data.index import JsonlIndex, LineIndex, ManifestError
+
+Transform = Callable[[dict, Path], Any]
+
+
+class RecordError(ManifestError):
+    """A problem inside one record; `ManifestDataset` adds the file and line to the message."""
+
+
+def media_path(record: dict, key: str, base_dir: Path) -> Path:
+    """The absolute path of `record[key]` (relative to `base_dir`); an error if missing or empty."""
+    if key not in record:
+        raise RecordError(f"missing field '{key}'")
+    path = Path(os.path.normpath(base_dir / record[key]))  # "chat/../images/x.png" -> "images/x.png"
+    if not path.is_file():
+        raise RecordError(f"{key} file {record[key]} not found in {base_dir}")
+    if path.stat().st_size == 0:
+        raise RecordError(f"{key} file {record[key]} is empty (0 bytes)")
+    return path
+
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError(f"field '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def asr_pair(record: dict, base_dir: Path) -> dict:
+    """Speech record -> ``{"audio": Path, "text": str}`` (the CTC transcript)."""
+    return {"audio": media_path(record, "audio", base_dir), "text": _text(record, "text")}
+
+
+def tts_pair(record: dict, base_dir: Path) -> dict:
+    """Speech record -> ``{"audio": Path, "text": str}`` with the punctuated sentence when present."""
+    return {"audio": media_path(record, "audio", base_dir), "text": record.get("sentence") or _text(record, "text")}
+
+
+def image_captions(record: dict, base_dir: Path) -> dict:
+    """Image record -> ``{"image": Path, "captions": [str, ...], "qa": [...]}``."""
+    captions = record.get("captions")
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        raise RecordError(f"field 'captions' must be a non-empty list of strings, got {captions!r}")
+    return {"image": media_path(record, "image", base_dir), "captions": captions, "qa": record.get("qa", [])}
+
+
+def video_qa(record: dict, base_dir: Path) -> dict:
+    """Clip record -> ``{"video": Path, "question", "answer", "caption"}``."""
+    return {"video": media_path(record, "video", base_dir), "question": _text(record, "question"),
+            "answer": _text(record, "answer"), "caption": record.get("caption", "")}
+
+
+def chat(record: dict, base_dir: Path) -> dict:
+    """Chat record -> ``{"messages", "kind", "speak", "answer_audio"}`` with absolute media paths."""
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(f"field 'messages' must be a non-empty list, got {messages!r}")
+    resolved = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise RecordError(f"bad message {message!r}: needs role system, user or assistant")
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") in ("image", "audio", "video"):
+                    part = {**part, "path": str(media_path(part, "path", base_dir))}
+                elif part.get("type") != "text":
+                    raise RecordError(f"bad content part {part!r}: type must be text, image, audio or video")
+                parts.append(part)
+            content = parts
+        elif not isinstance(content, str):
+            raise RecordError(f"message content must be a string or a list of parts, got {content!r}")
+        resolved.append({"role": message["role"], "content": content})
+    speak = bool(record.get("speak", False))
+    answer_audio = media_path(record, "answer_audio", base_dir) if speak else None
+    return {"messages": resolved, "kind": record.get("kind", ""), "speak": speak, "answer_audio": answer_audio}
+
+
+class ManifestDataset(Dataset):
+    """Item `i` = `transform(record_i, base_dir)` (the record itself when no transform).
+
+    Args:
+        path: a JSONL manifest.
+        transform: `(record, base_dir) -> sample`; `base_dir` is the manifest's folder.
+        required: fields every record must have.
+    """
+
+    def __init__(self, path: str | Path, transform: Transform | None = None, required: Sequence[str] = ()) -> None:
+        self.index = JsonlIndex(path, required=required)
+        self.base_dir = Path(path).resolve().parent
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Any:
+        record = self.index[i]
+        if self.transform is None:
+            return record
+        try:
+            return self.transform(record, self.base_dir)
+        except RecordError as error:
+            raise self.index.error(i, str(error)) from None
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+            if isinstance(error, ManifestError):
+                raise
+            raise self.index.error(i, f"{type(error).__name__}: {error}") from error
+
+
+def _documents(path: Path, field: str) -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        index = JsonlIndex(path, required=(field,))
+        for i in range(len(index)):
+            yield index[i][field]
+    else:  # plain text: one document per non-blank line
+        yield from LineIndex(path)
+
+
+class TextPackedDataset(Dataset):
+    """Documents packed into fixed windows for next-token prediction.
+
+    Each document becomes `<bos> tokens <eos>`; all are joined and cut into `len(self)` windows of
+    `seq_len + 1` tokens, overlapping by one so that item `i` is ``{"input_ids": (seq_len,),
+    "targets": (seq_len,)}`` with ``targets[t] = input_ids[t + 1]``. No padding is ever needed.
+
+    Args:
+        paths: JSONL files with a `field` per line, or text files with one document per line.
+        tokenizer: has `encode(text) -> list[int]`, `bos_id` and `eos_id`.
+        seq_len: tokens per window.
+    """
+
+    def __init__(self, paths: str | Path | Sequence[str | Path], tokenizer, seq_len: int, field: str = "text") -> None:
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        stream: list[int] = []
+        for path in paths:
+            for text in _documents(Path(path), field):
+                stream += [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+        self.tokens = torch.from_numpy(np.asarray(stream, dtype=np.int64))
+        self.seq_len = seq_len
+        if len(self) == 0:
+            raise ValueError(f"{len(stream)} tokens in {', '.join(map(str, paths))} are fewer than seq_len + 1 = {seq_len + 1}")
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        window = self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1]
+        return {"input_ids": window[:-1], "targets": window[1:]}
+
+
+class EpochShuffler(Sampler[int]):
+    """Indices in an order fixed by (seed, epoch); optionally one shard of them per DDP rank.
+
+    Call `set_epoch(epoch, start)` before each epoch; `start` skips the first `start` indices of this
+    rank, which is how a resumed run continues mid-epoch with exactly the batches it would have seen.
+    """
+
+    def __init__(self, data: Sized | int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        self.n = data if isinstance(data, int) else len(data)
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = math.ceil(self.n / self.world_size) if self.n else 0
+        order += order[: per_rank * self.world_size - self.n]  # pad so every rank gets as many
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(self.n / self.world_size) if self.n else 0
+        return max(0, per_rank - self.start)

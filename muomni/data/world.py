@@ -1,0 +1,448 @@
+"""The default world: a deterministic synthetic multimodal dataset built offline in about a minute.
+
+Scenes of coloured shapes (`muomni.data.scenes`), a closed-vocabulary grammar that describes and
+questions them (`muomni.data.language`), the same sentences spoken by eSpeak NG in several voices
+(`muomni.data.speech`), short clips of a moving shape, a text corpus, and chat mixtures for
+instruction tuning. Everything follows from one seed: the same seed gives byte-identical manifests.
+
+Layout of the world directory (default `data/world/`)::
+
+    world.json                          settings, seed, counts, vocabulary, held-out pairs and voices;
+                                        written LAST, so its presence marks a complete world
+    text/{train,val,test}.jsonl         {"text"}                              documents for stage A
+    images/{train,val,test,comp}.jsonl  {"id", "image": "png/000001.png", "captions": [str, ...],
+                                         "qa": [{"question", "answer", "kind"}], "scene": {...}}
+    images/png/*.png                    RGB, image_size x image_size (64 tiny, 224 base)
+    speech/{train,val,test,comp}.jsonl  {"id", "audio": "wav/000001.wav", "text", "sentence", "voice",
+                                         "rate", "pitch", "seconds"}
+    speech/wav/*.wav                    16 kHz mono 16-bit PCM
+    video/{train,val,test,comp}.jsonl   {"id", "video": "clips/000001.mp4", "frames", "fps", "question",
+                                         "answer", "caption", "motion": {...}}
+    video/clips/*.mp4 (or *.gif)        `frames` RGB frames at `fps`; GIF when FFmpeg is unavailable
+    chat/{train,val,test,comp}.jsonl    {"id", "kind", "messages": [...], "speak": bool,
+                                         "answer_audio": "../speech/wav/..." (only when speak)}
+
+Paths inside a manifest are relative to the manifest's directory (chat parts point at
+`../images/png/...`). Speech `text` is the CTC transcript (lowercase a-z, space, apostrophe);
+`sentence` is the punctuated sentence that was spoken. Chat kinds: text_qa, image_qa, caption,
+transcribe, spoken_qa (audio question about an image), video_qa, speak ("say the answer aloud":
+the answer is also in `answer_audio`, spoken by the one assistant voice `speech.ASSISTANT`).
+
+Splits: train/val/test by seed; `comp` is compositional: its scenes and clips contain colour-shape
+pairs (`scenes.HELD_OUT_PAIRS`) and its speech uses voices (`speech.HELD_OUT_VOICES`) that never occur
+in train/val/test. A build goes into `<out>.tmp/` and is renamed to `<out>` only when complete, so an
+interrupted build leaves no half-written world; the next build starts that directory afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from muomni.data import language as L
+from muomni.data import scenes as S
+from muomni.data import speech as T
+
+VERSION = 1
+SPLITS = ("train", "val", "test", "comp")
+FRACTIONS = {"val": 0.05, "test": 0.10, "comp": 0.05}  # train takes the rest
+TEXT_FRACTIONS = {"val": 0.05, "test": 0.05}
+CHAT_KINDS = {  # kind -> share of the chat mixture
+    "text_qa": 0.15, "image_qa": 0.25, "caption": 0.12, "transcribe": 0.10,
+    "spoken_qa": 0.15, "video_qa": 0.13, "speak": 0.10,
+}
+CAPTION_PROMPTS = ("describe the image.", "what do you see?", "what is in the picture?")
+VIDEO_PROMPTS = ("describe the video.", "what happens in the video?")
+TRANSCRIBE_PROMPTS = ("transcribe this.", "what is said?", "write down what you hear.")
+
+
+class WorldError(ValueError):
+    """The world cannot be built or read as asked."""
+
+
+@dataclass
+class WorldConfig:
+    """What to generate. Defaults come from the preset (`PRESETS`); any field can be overridden."""
+
+    seed: int = 0  # everything follows from this seed
+    scenes: int = 2000  # images with captions and questions
+    utterances: int = 3000  # spoken sentences in varied voices (plus the assistant's answers)
+    clips: int = 600  # short videos of a moving shape
+    stories: int = 3000  # text-only documents for stage A
+    chats: int = 4000  # instruction-tuning conversations (they reuse the media above)
+    image_size: int = 64  # side of images and video frames in pixels
+    frames: int = 8  # frames per clip
+    fps: float = 4.0  # frames per second of a clip
+    video_format: str = "auto"  # "mp4" (torchcodec/FFmpeg), "gif" (Pillow) or "auto"
+
+
+PRESETS = {
+    "tiny": WorldConfig(),
+    "base": WorldConfig(scenes=20000, utterances=20000, clips=5000, stories=30000, chats=30000, image_size=224),
+}
+
+
+def preset_config(preset: str, **overrides) -> WorldConfig:
+    """The preset's config with non-None `overrides` applied."""
+    if preset not in PRESETS:
+        raise WorldError(f"unknown world preset '{preset}'; expected one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def split_sizes(n: int, fractions: dict[str, float] = FRACTIONS) -> dict[str, int]:
+    """How many of `n` items go to each split (train gets the remainder)."""
+    sizes = {name: int(round(n * share)) for name, share in fractions.items()}
+    return {"train": n - sum(sizes.values()), **sizes}
+
+
+# ---------------------------------------------------------------------------------------------
+# planning: every record and every media job, decided in the main process from the seed
+
+
+def _rng(cfg: WorldConfig, stream: str) -> random.Random:
+    """An independent random stream per part, so e.g. more clips do not change the images."""
+    return random.Random(f"{cfg.seed}/{stream}")
+
+
+def _plan_images(cfg: WorldConfig) -> dict[str, list[dict]]:
+    rng, number, out = _rng(cfg, "images"), 0, {}
+    for split, n in split_sizes(cfg.scenes).items():
+        out[split] = []
+        for _ in range(n):
+            number += 1
+            scene = S.sample_scene(rng, comp=split == "comp")
+            out[split].append({"id": f"img{number:06d}", "image": f"png/{number:06d}.png",
+                               "captions": L.captions(scene["objects"], rng),
+                               "qa": L.scene_questions(scene["objects"], rng), "scene": scene})
+    return out
+
+
+def _plan_clips(cfg: WorldConfig) -> dict[str, list[dict]]:
+    rng, number, out = _rng(cfg, "video"), 0, {}
+    ext = cfg.video_format
+    for split, n in split_sizes(cfg.clips).items():
+        out[split] = []
+        for _ in range(n):
+            number += 1
+            clip = S.sample_clip(rng, cfg.frames, comp=split == "comp")
+            qa = L.motion_question(clip["mover"], clip["direction"])
+            out[split].append({"id": f"vid{number:06d}", "video": f"clips/{number:06d}.{ext}", "frames": cfg.frames,
+                               "fps": cfg.fps, "question": qa["question"], "answer": qa["answer"],
+                               "caption": L.motion_caption(clip["mover"], clip["direction"]), "motion": clip})
+    return out
+
+
+def _speech_sentence(images: list[dict], rng: random.Random) -> str:
+    """A sentence to speak, drawn from the split's scenes: a question, a description, an answer."""
+    record = rng.choice(images)
+    roll = rng.random()
+    if roll < 0.4:
+        return rng.choice(record["qa"])["question"]
+    obj = rng.choice(record["scene"]["objects"])
+    if roll < 0.7:
+        return L.describe(obj) + "."
+    if roll < 0.85:
+        return rng.choice(record["qa"])["answer"] + "."
+    return f"the {L.full_noun(obj)}."
+
+
+def _plan_speech(cfg: WorldConfig, images: dict[str, list[dict]], answers: list[str]) -> dict[str, list[dict]]:
+    rng, number, out = _rng(cfg, "speech"), 0, {}
+
+    def record(sentence: str, voice: str, rate: int, pitch: int) -> dict:
+        nonlocal number
+        number += 1
+        return {"id": f"utt{number:06d}", "audio": f"wav/{number:06d}.wav", "text": L.normalize_transcript(sentence),
+                "sentence": sentence, "voice": voice, "rate": rate, "pitch": pitch, "seconds": None}
+
+    for split, n in split_sizes(cfg.utterances).items():
+        voices = T.HELD_OUT_VOICES if split == "comp" else T.TRAIN_VOICES
+        out[split] = [record(_speech_sentence(images[split], rng), rng.choice(voices), rng.randint(*T.RATES),
+                             rng.randint(*T.PITCHES)) for _ in range(n)]
+    # the assistant's spoken answers: every answer a "speak" chat can give, in the one assistant voice
+    out["train"] += [record(answer + ".", **T.ASSISTANT) for answer in answers]
+    return out
+
+
+def _plan_text(cfg: WorldConfig) -> dict[str, list[dict]]:
+    rng, out = _rng(cfg, "text"), {}
+    for split, n in split_sizes(cfg.stories, TEXT_FRACTIONS).items():
+        docs = []
+        for _ in range(n):
+            parts = []
+            for _ in range(rng.randint(1, 3)):
+                roll = rng.random()
+                if roll < 0.5:
+                    parts.append(L.scene_document(S.sample_scene(rng)["objects"], rng))
+                elif roll < 0.7:
+                    clip = S.sample_clip(rng, cfg.frames)
+                    start = (rng.randrange(3), rng.randrange(3))
+                    parts.append(L.motion_story(clip["mover"], clip["direction"], start, rng))
+                elif roll < 0.85:
+                    parts.append(L.facts_document(rng))
+                else:
+                    qa = rng.choice(L.TEXT_QA)
+                    parts.append(f"{qa['question']} {qa['answer']}.")
+            docs.append({"text": " ".join(parts)})
+        out[split] = docs
+    return out
+
+
+def _user(*parts: dict | str) -> dict:
+    content = [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]
+    return {"role": "user", "content": content}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def _sentence(answer: str) -> str:
+    return answer if answer.endswith((".", "?")) else answer + "."
+
+
+def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[str, str]) -> dict[str, list[dict]]:
+    rng, number, out = _rng(cfg, "chat"), 0, {}
+    kinds, weights = list(CHAT_KINDS), list(CHAT_KINDS.values())
+    for split, n in split_sizes(cfg.chats).items():
+        assistant = set(assistant_audio.values())
+        voices = [u for u in speech[split] if u["audio"] not in assistant]  # the varied voices only
+        by_sentence: dict[str, list[dict]] = {}
+        for u in voices:
+            by_sentence.setdefault(u["sentence"], []).append(u)
+        # spoken questions need an image whose question was spoken in this split
+        askable = [(img, qa) for img in images[split] for qa in img["qa"] if qa["question"] in by_sentence]
+        chats = []
+        for _ in range(n):
+            kind = rng.choices(kinds, weights)[0]
+            if kind == "speak" and split == "comp":
+                kind = "image_qa"  # the assistant's voice is trained on train/val/test answers only
+            if kind == "spoken_qa" and not askable:
+                kind = "image_qa"
+            number += 1
+            chat = {"id": f"chat{number:06d}", "kind": kind}
+            if kind == "text_qa":
+                if rng.random() < 0.4:
+                    qa = rng.choice(L.TEXT_QA)
+                else:
+                    qa = L.text_scene_question(S.sample_scene(rng, comp=split == "comp")["objects"], rng)
+                messages = [{"role": "user", "content": qa["question"]}, _assistant(_sentence(qa["answer"]))]
+            elif kind in ("image_qa", "speak", "caption"):
+                img = rng.choice(images[split])
+                part = {"type": "image", "path": f"../images/{img['image']}"}
+                if kind == "caption":
+                    messages = [_user(part, rng.choice(CAPTION_PROMPTS)), _assistant(img["captions"][0])]
+                else:
+                    qa = rng.choice(img["qa"])
+                    question = qa["question"] + (" say the answer aloud." if kind == "speak" else "")
+                    messages = [_user(part, question), _assistant(_sentence(qa["answer"]))]
+                    if kind == "speak":
+                        chat["answer_audio"] = f"../speech/{assistant_audio[qa['answer']]}"
+            elif kind == "transcribe":
+                utt = rng.choice(voices)
+                messages = [_user({"type": "audio", "path": f"../speech/{utt['audio']}"}, rng.choice(TRANSCRIBE_PROMPTS)),
+                            _assistant(utt["sentence"])]
+            elif kind == "spoken_qa":
+                img, qa = rng.choice(askable)
+                utt = rng.choice(by_sentence[qa["question"]])
+                messages = [_user({"type": "image", "path": f"../images/{img['image']}"},
+                                  {"type": "audio", "path": f"../speech/{utt['audio']}"}),
+                            _assistant(_sentence(qa["answer"]))]
+            else:  # video_qa
+                clip = rng.choice(clips[split])
+                part = {"type": "video", "path": f"../video/{clip['video']}"}
+                if rng.random() < 0.7:
+                    messages = [_user(part, clip["question"]), _assistant(_sentence(clip["answer"]))]
+                else:
+                    messages = [_user(part, rng.choice(VIDEO_PROMPTS)), _assistant(clip["caption"])]
+            chat["messages"] = messages
+            chat["speak"] = kind == "speak"
+            chats.append({k: chat[k] for k in ("id", "kind", "messages", "speak", "answer_audio") if k in chat})
+        out[split] = chats
+    return out
+
+
+@dataclass
+class Plan:
+    images: dict[str, list[dict]]
+    speech: dict[str, list[dict]]
+    clips: dict[str, list[dict]]
+    text: dict[str, list[dict]]
+    chats: dict[str, list[dict]]
+
+
+def plan_world(cfg: WorldConfig) -> Plan:
+    """Every record of the world, before any media is rendered (speech `seconds` still None)."""
+    images = _plan_images(cfg)
+    clips = _plan_clips(cfg)
+    answers = sorted({qa["answer"] for split in ("train", "val", "test") for img in images[split] for qa in img["qa"]})
+    speech = _plan_speech(cfg, images, answers)
+    assistant_audio = {u["sentence"][:-1]: u["audio"] for u in speech["train"][-len(answers):]} if answers else {}
+    text = _plan_text(cfg)
+    chats = _plan_chats(cfg, images, speech, clips, assistant_audio)
+    return Plan(images, speech, clips, text, chats)
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering: media jobs run in worker processes; each writes one file and returns what it measured
+
+
+def _render_job(job: tuple) -> float | None:
+    kind, spec, path, cfg = job
+    if kind == "image":
+        S.render_scene(spec, cfg.image_size).save(path, optimize=False)
+    elif kind == "speech":
+        wave = T.synthesize(spec["sentence"], spec["voice"], spec["rate"], spec["pitch"])
+        T.write_wav(path, wave)
+        return round(len(wave) / T.SAMPLE_RATE, 3)
+    else:
+        write_clip(S.render_clip(spec, cfg.image_size), path, cfg.fps)
+    return None
+
+
+def write_clip(frames: np.ndarray, path: str | Path, fps: float) -> None:
+    """Write `(frames, height, width, 3)` uint8 as MP4 (torchcodec) or GIF (Pillow) by the suffix."""
+    path = Path(path)
+    if path.suffix == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return
+    import torch
+    from torchcodec.encoders import VideoEncoder
+
+    tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
+    VideoEncoder(tensor, frame_rate=fps).to_file(str(path), codec="libx264", pixel_format="yuv420p", crf=18)
+
+
+def detect_video_format(image_size: int) -> str:
+    """'mp4' when torchcodec can encode with FFmpeg here (and the size is even), else 'gif'."""
+    if image_size % 2:
+        return "gif"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_clip(np.zeros((2, image_size, image_size, 3), dtype=np.uint8), Path(tmp) / "probe.mp4", 4.0)
+        return "mp4"
+    except Exception:  # any missing FFmpeg library or encoder: fall back to Pillow's GIF
+        return "gif"
+
+
+def _render_all(jobs: list[tuple], workers: int) -> list[float | None]:
+    if workers <= 1:
+        return [_render_job(job) for job in jobs]
+    # interleave kinds so both workers get a similar mix; fork keeps start-up cheap on Linux
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        return list(pool.imap(_render_job, jobs, chunksize=32))
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Write records one per line via `<path>.tmp` + rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) + "\n")
+    os.replace(tmp, path)
+
+
+def world_settings(cfg: WorldConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def build_world(cfg: WorldConfig, out: str | Path, force: bool = False, workers: int = 2,
+                log: Callable[[str], None] = print) -> Path:
+    """Build the world into `out` (atomically: `<out>.tmp` then rename). Returns `out`.
+
+    A complete world with the same settings is kept unless `force`; one with other settings is an
+    error without `force`, so a differently sized world is never silently reused.
+    """
+    out = Path(out)
+    marker = out / "world.json"
+    if cfg.video_format == "auto":
+        cfg = dataclasses.replace(cfg, video_format=detect_video_format(cfg.image_size))
+    if marker.exists() and not force:
+        existing = json.loads(marker.read_text())
+        if existing.get("settings") == world_settings(cfg) and existing.get("version") == VERSION:
+            log(f"world at {out} is complete; use --force to rebuild")
+            return out
+        raise WorldError(f"{out} holds a world with other settings; pass --force to replace it")
+    start = time.time()
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a previous build was interrupted: start it afresh
+    for sub in ("text", "images/png", "speech/wav", "video/clips", "chat"):
+        (tmp / sub).mkdir(parents=True)
+
+    plan = plan_world(cfg)
+    jobs: list[tuple] = []
+    owners: list[dict] = []
+    for split in SPLITS:
+        jobs += [("image", r["scene"], str(tmp / "images" / r["image"]), cfg) for r in plan.images[split]]
+        jobs += [("clip", r["motion"], str(tmp / "video" / r["video"]), cfg) for r in plan.clips[split]]
+        for r in plan.speech[split]:
+            jobs.append(("speech", r, str(tmp / "speech" / r["audio"]), cfg))
+            owners.append(r)
+    jobs.sort(key=lambda job: job[2][-10:])  # mix the kinds evenly over the run
+    log(f"planned {len(jobs)} media files in {time.time() - start:.1f}s; rendering with {workers} worker(s)")
+    results = _render_all(jobs, workers)
+    seconds = {job[2]: value for job, value in zip(jobs, results) if job[0] == "speech"}
+    for r in owners:
+        r["seconds"] = seconds[str(tmp / "speech" / r["audio"])]
+
+    for split in SPLITS:
+        write_jsonl(tmp / "images" / f"{split}.jsonl", plan.images[split])
+        write_jsonl(tmp / "speech" / f"{split}.jsonl", plan.speech[split])
+        write_jsonl(tmp / "video" / f"{split}.jsonl", plan.clips[split])
+        write_jsonl(tmp / "chat" / f"{split}.jsonl", plan.chats[split])
+    for split, docs in plan.text.items():
+        write_jsonl(tmp / "text" / f"{split}.jsonl", docs)
+
+    counts = {name: {split: len(records) for split, records in part.items()}
+              for name, part in dataclasses.asdict(plan).items()}
+    info = {
+        "version": VERSION, "seed": cfg.seed, "settings": world_settings(cfg), "counts": counts,
+        "vocabulary": {"colours": L.COLOURS, "shapes": L.SHAPES, "sizes": L.SIZES, "numbers": L.NUMBERS,
+                       "directions": L.DIRECTIONS, "places": sorted(L.PLACE_NAMES.values())},
+        "held_out": {"pairs": [list(p) for p in S.HELD_OUT_PAIRS], "voices": list(T.HELD_OUT_VOICES)},
+        "voices": list(T.TRAIN_VOICES), "assistant_voice": T.ASSISTANT, "sample_rate": T.SAMPLE_RATE,
+    }
+    tmp_marker = tmp / "world.json.tmp"
+    tmp_marker.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp_marker, tmp / "world.json")  # last: the world is complete
+
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+    log(f"built {out} in {time.time() - start:.1f}s: " + ", ".join(
+        f"{name} {sum(c.values())}" for name, c in counts.items()))
+    return out
+
+
+def load_world_info(root: str | Path) -> dict:
+    """The world's `world.json`; a clear error if the world is missing or was not finished."""
+    marker = Path(root) / "world.json"
+    if not marker.exists():
+        raise WorldError(f"{root} has no world.json (missing or unfinished world); run `muomni data world --out {root}`")
+    return json.loads(marker.read_text())
