@@ -123,6 +123,7 @@ class CodecConfig:
     dead_code_threshold: float = 1.0  # EMA usage below which a code is restarted from the batch
     commitment_weight: float = 0.25  # weight of the commitment loss
     quantizer_dropout: float = 0.5  # probability of training with a random number of codebooks
+    vocoder_channels: int = 256  # HiFi-GAN generator width (halved at each upsampling)
 
 
 @dataclass
@@ -147,6 +148,7 @@ class OmniConfig:
     talker: TalkerConfig = field(default_factory=TalkerConfig)
     projector_hidden: int = 512  # hidden width of the encoder -> Thinker projector MLPs
     video_frames: int = 4  # frames sampled uniformly from each video clip for the Thinker
+    sft_train_encoders: bool = False  # stage E also fine-tunes the AuT and ViT (no cached encoder outputs)
 
 
 @dataclass
@@ -266,7 +268,7 @@ def tiny() -> OmniConfig:
                           conv_channels=144, max_seconds=12.0),
         vision=VisionConfig(d_model=96, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=288,
                             image_size=64, patch_size=8, embed_dim=96, text_layers=2),
-        codec=CodecConfig(hidden=128, n_codebooks=4, codebook_size=128, codebook_dim=32),
+        codec=CodecConfig(hidden=128, n_codebooks=4, codebook_size=128, codebook_dim=32, vocoder_channels=64),
         talker=TalkerConfig(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384),
         projector_hidden=256,
     )

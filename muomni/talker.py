@@ -1,0 +1,212 @@
+"""The Talker: an autoregressive transformer that speaks, one codec frame at a time.
+
+Like Qwen2.5-Omni's Talker (Xu et al., 2025), it reads what the Thinker means to say: the Thinker's
+final hidden states for the response text plus the text's token embeddings, concatenated and
+projected into the Talker's width, form a prefix. After the prefix the Talker predicts codec codes.
+
+Several codebooks per frame use MusicGen's delay pattern (Copet et al., 2023): codebook q is shifted
+q steps later, so at each step one head per codebook predicts its code and the finer codebooks
+already see the coarser codes of the same frame. A frame of ``eos`` codes ends the speech; codes
+the pattern leaves empty are ``pad`` and are neither predicted nor sampled.
+
+Shapes: conditioning ``(batch, text_len, cond_dim)`` twice (hidden states, text embeddings) with a
+mask ``(batch, text_len)``; codes ``(batch, n_codebooks, frames)``; logits
+``(batch, n_codebooks, steps, codebook_size + 3)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from muomni.config import CodecConfig, TalkerConfig
+from muomni.layers import KVCache, RotaryEmbedding, Transformer, text_positions
+
+
+class TalkerError(ValueError):
+    """Input the Talker cannot work with."""
+
+
+def delay_codes(codes: torch.Tensor, pad: int, eos: int) -> torch.Tensor:
+    """Codes ``(n_q, frames)`` -> delayed ``(n_q, frames + n_q)`` with an end-of-speech frame.
+
+    Row q holds ``pad`` for its first q steps, then the frames, then ``eos``, then ``pad``::
+
+        c00 c01 eos pad pad
+        pad c10 c11 eos pad
+        pad pad c20 c21 eos
+    """
+    n_q, frames = codes.shape
+    out = torch.full((n_q, frames + n_q), pad, dtype=torch.long, device=codes.device)
+    for q in range(n_q):
+        out[q, q : q + frames] = codes[q]
+        out[q, q + frames] = eos
+    return out
+
+
+def undelay_codes(delayed: torch.Tensor, frames: int) -> torch.Tensor:
+    """Inverse of `delay_codes`: ``(n_q, steps)`` -> the first ``frames`` frames ``(n_q, frames)``."""
+    return torch.stack([delayed[q, q : q + frames] for q in range(delayed.shape[0])])
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one index per row of ``(rows, vocab)`` logits: argmax at temperature 0, else sample."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class Talker(nn.Module):
+    """Thinker states -> codec codes. ``cond_dim`` is the Thinker's ``d_model``."""
+
+    def __init__(self, cfg: TalkerConfig, codec_cfg: CodecConfig, cond_dim: int):
+        super().__init__()
+        if not cfg.causal:
+            raise TalkerError("the Talker generates left to right; set talker.causal = true")
+        self.cfg, self.n_q = cfg, codec_cfg.n_codebooks
+        k = codec_cfg.codebook_size
+        self.pad_id, self.bos_id, self.eos_id = k, k + 1, k + 2
+        self.vocab = k + 3
+        # Hidden states say what to mean, embeddings which tokens: both go in, as in Qwen2.5-Omni.
+        self.cond_proj = nn.Sequential(nn.Linear(2 * cond_dim, cfg.d_model), nn.GELU(),
+                                       nn.Linear(cfg.d_model, cfg.d_model))
+        self.code_embed = nn.ModuleList(nn.Embedding(self.vocab, cfg.d_model) for _ in range(self.n_q))
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.transformer = Transformer(cfg)
+        self.heads = nn.ModuleList(nn.Linear(cfg.d_model, self.vocab, bias=False) for _ in range(self.n_q))
+
+    # ------------------------------------------------------------------------------------------
+    # Batches
+
+    def make_batch(self, codes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes per utterance ``(n_q, frames_i)`` -> (inputs, targets) each ``(batch, n_q, steps)``.
+
+        Inputs are the delayed codes shifted right behind a ``bos`` step; targets are the delayed
+        codes with ``pad`` (nothing to predict) and batch padding set to -100 (ignored).
+        """
+        delayed = [delay_codes(c, self.pad_id, self.eos_id) for c in codes]
+        steps = max(d.shape[1] for d in delayed)
+        inputs = torch.full((len(codes), self.n_q, steps), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(codes), self.n_q, steps), -100, dtype=torch.long)
+        for i, d in enumerate(delayed):
+            n = d.shape[1]
+            inputs[i, :, 0] = self.bos_id
+            inputs[i, :, 1:n] = d[:, :-1]
+            targets[i, :, :n] = d.masked_fill(d == self.pad_id, -100)
+        return inputs, targets
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+
+    def condition(self, hidden: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Thinker hidden states and text embeddings ``(batch, text_len, cond_dim)`` -> prefix ``(batch, text_len, d_model)``."""
+        if hidden.shape != text_embeds.shape:
+            raise TalkerError(f"hidden {tuple(hidden.shape)} and text embeddings {tuple(text_embeds.shape)} must match")
+        return self.cond_proj(torch.cat([hidden, text_embeds], dim=-1))
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``(batch, n_q, steps)`` -> summed code embeddings ``(batch, steps, d_model)``."""
+        return sum(embed(codes[:, q]) for q, embed in enumerate(self.code_embed))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(h) for head in self.heads], dim=1)  # (batch, n_q, steps, vocab)
+
+    def forward(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
+                inputs: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``(batch, n_q, steps, vocab)`` for inputs ``(batch, n_q, steps)``.
+
+        The prefix may be left-padded (``cond_mask`` False); code steps are right-padded.
+        """
+        prefix = self.condition(hidden, text_embeds)
+        x = torch.cat([prefix, self.embed_codes(inputs)], dim=1)
+        mask = torch.cat([cond_mask.bool(), cond_mask.new_ones(inputs.shape[0], inputs.shape[2], dtype=torch.bool)], 1)
+        h = self.transformer(x, self.rope(text_positions(mask)), None if bool(mask.all()) else mask)
+        return self._logits(h[:, prefix.shape[1]:])
+
+    def loss(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
+             inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean cross-entropy over all predicted codes, plus per-codebook accuracy."""
+        logits = self(hidden, text_embeds, cond_mask, inputs)
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1), ignore_index=-100)
+        metrics: dict[str, float] = {"tokens": float((targets != -100).sum())}
+        with torch.no_grad():
+            for q in range(self.n_q):
+                valid = targets[:, q] != -100
+                hit = (logits[:, q].argmax(-1) == targets[:, q]) & valid
+                metrics[f"acc{q}"] = float(hit.sum() / valid.sum().clamp(min=1))
+        return loss, metrics
+
+    # ------------------------------------------------------------------------------------------
+    # Generation with a KV cache
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.cfg
+        p = next(self.parameters())
+        return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, p.dtype, p.device)
+
+    def prefill(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
+                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the prefix and the ``bos`` step; returns (logits of step 0 ``(batch, n_q, vocab)``,
+        the position of that step ``(batch,)``)."""
+        batch = hidden.shape[0]
+        bos = torch.full((batch, self.n_q, 1), self.bos_id, dtype=torch.long, device=hidden.device)
+        x = torch.cat([self.condition(hidden, text_embeds), self.embed_codes(bos)], dim=1)
+        mask = torch.cat([cond_mask.bool(), cond_mask.new_ones(batch, 1, dtype=torch.bool)], dim=1)
+        positions = text_positions(mask)
+        cache.append_mask(mask, x.shape[1])
+        h = self.transformer(x, self.rope(positions), cache=cache)
+        return self._logits(h[:, -1:])[:, :, 0], positions[:, -1]
+
+    def step(self, codes: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decoding step: codes ``(batch, n_q)`` at ``positions`` ``(batch,)`` -> logits ``(batch, n_q, vocab)``."""
+        cache.append_mask(None, 1)
+        h = self.transformer(self.embed_codes(codes[:, :, None]), self.rope(positions[:, None]), cache=cache)
+        return self._logits(h)[:, :, 0]
+
+    @torch.no_grad()
+    def generate(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor | None = None,
+                 max_frames: int | None = None, temperature: float = 0.8, top_k: int = 50,
+                 generator: torch.Generator | None = None, min_frames: int = 1) -> list[torch.Tensor]:
+        """Speak: codes ``(n_q, frames_i)`` per row, stopping at each row's end-of-speech frame.
+
+        Codebook 0 decides when speech ends (it may sample ``eos`` once ``min_frames`` are out); the
+        other codebooks follow the delay pattern, so a row is finished ``n_q - 1`` steps after its
+        ``eos``. Rows that never stop end at ``max_frames`` (default ``cfg.max_frames``).
+        """
+        batch, device = hidden.shape[0], hidden.device
+        if cond_mask is None:
+            cond_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=device)
+        max_frames = max_frames or self.cfg.max_frames
+        total = max_frames + self.n_q
+        cache = self.new_cache(batch, hidden.shape[1] + 1 + total)
+        logits, pos = self.prefill(hidden, text_embeds, cond_mask, cache)
+        end = torch.full((batch, 1), -1, dtype=torch.long, device=device)  # eos frame of each row
+        out = torch.full((batch, self.n_q, total), self.pad_id, dtype=torch.long, device=device)
+        for s in range(total):
+            allowed = logits.float().clone()
+            eos_logit = allowed[:, 0, self.eos_id].clone()
+            allowed[:, :, self.pad_id:] = float("-inf")  # real codes only ...
+            if s >= min_frames:
+                allowed[:, 0, self.eos_id] = eos_logit  # ... and eos on codebook 0
+            choice = sample_logits(allowed.view(-1, self.vocab), temperature, top_k, generator).view(batch, self.n_q)
+            stops = (end < 0) & ((choice[:, :1] == self.eos_id) | (s >= max_frames))
+            end = torch.where(stops, s, end)
+            # The delay pattern fixes some entries: pad before a codebook starts and after it ends,
+            # eos on each codebook's copy of the end frame.
+            frame = s - torch.arange(self.n_q, device=device)[None]  # (1, n_q)
+            ended = end >= 0
+            choice = torch.where(frame < 0, self.pad_id, choice)
+            choice = torch.where(ended & (frame == end), self.eos_id, choice)
+            choice = torch.where(ended & (frame > end), self.pad_id, choice)
+            out[:, :, s] = choice
+            if bool(ended.all()) and s >= int(end.max()) + self.n_q - 1:
+                break
+            pos = pos + 1
+            logits = self.step(choice, pos, cache)
+        return [undelay_codes(out[b], int(end[b])) for b in range(batch)]
