@@ -1,0 +1,498 @@
+"""OmniModel: the whole μOmni, from a chat with images, audio and video to text and speech.
+
+The Thinker–Talker design of Qwen2.5-Omni (Xu et al., 2025), small::
+
+    image/video frames -> ViT -> 2x2 merge ---> vision projector --+
+    audio -> log-mel -> AuT (25 Hz) -> pairs (12.5 Hz) -> audio projector --+--> Thinker -> text
+    text -> token embeddings -----------------------------------------------+       |
+                                                          hidden states + text ids  v
+                                                   Talker -> codec codes -> codec decoder
+                                                   -> log-mel -> vocoder -> waveform (16 kHz)
+
+One sequence per chat. `Tokenizer.encode_chat` writes ONE placeholder id per media part; here each
+placeholder is expanded to as many copies as its encoder gives tokens, the copies are embedded
+like text and then overwritten, in order, by the projected encoder tokens.
+
+Multimodal rotary positions ``(3, seq)`` (time, height, width; Qwen2.5-Omni's TMRoPE):
+
+- text: all three equal a running counter, which is plain 1-D RoPE;
+- an image: its merged patches share one time, with height/width their row/column in the grid;
+- audio: one token per 80 ms (12.5 Hz); time advances ``TICKS_PER_TOKEN`` ticks per token (one tick is
+  40 ms, the unit `muomni.video.frame_positions` uses), height and width follow time;
+- video: each frame's patches sit at the time tick of the frame's timestamp, with height/width
+  as for an image.
+
+After each media span the counter continues at one more than the largest position used so far.
+
+Shapes: merged image tokens ``(n_images, mh * mw, 4 * d_vision)``; audio tokens ``(n_tokens,
+2 * d_audio)``; the Thinker sees ``(batch, seq, d_model)`` with ``position_ids`` ``(3, batch, seq)``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from muomni.audio import AuT, LogMel, conv_output_lengths, load_audio, merge_pairs
+from muomni.codec import Codec
+from muomni.checkpoint import load_checkpoint, resolve, save_checkpoint
+from muomni.config import OmniConfig, from_dict
+from muomni.projector import Projector
+from muomni.talker import Talker
+from muomni.thinker import IGNORE_INDEX, Thinker, sample
+from muomni.tokenizer import Tokenizer
+from muomni.video import frame_positions, read_video
+from muomni.vocoder import GriffinLimVocoder
+from muomni.vision import ViT, image_transform, load_image, merge_2x2
+
+MEDIA_KINDS = ("image", "audio", "video")
+TICKS_PER_SECOND = 25.0  # rotary time ticks per second for audio and video (40 ms each)
+TICKS_PER_TOKEN = 2  # a 12.5 Hz audio token lasts 80 ms = two ticks
+SENTENCE_END = re.compile(r"[.?!]\s*$")  # where a streamed answer is cut into spoken chunks
+
+
+class ContextError(ValueError):
+    """A prompt whose media and text do not fit the Thinker's context."""
+
+
+class MediaError(ValueError):
+    """A chat part that names no usable media file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Media items and the expanded sequence
+
+
+@dataclass
+class Media:
+    """One image, audio or video part of a chat, before or after its encoder ran.
+
+    ``tokens`` (the merged encoder outputs, ready for the projector): image ``(mh * mw, 4 * d_vision)``;
+    video ``(n_frames * mh * mw, 4 * d_vision)``; audio ``(n_tokens, 2 * d_audio)``. Until the
+    encoder runs, ``raw`` holds the encoder input from `OmniModel.load_media` and ``tokens`` is None;
+    ``n_tokens`` is known either way, so sequences can be laid out before encoding. ``grid`` is the
+    merged patch grid ``(mh, mw)`` of an image or video frame; ``timestamps`` a video's frame times (s).
+    """
+
+    kind: str
+    n_tokens: int
+    name: str = ""
+    grid: tuple[int, int] = (1, 1)
+    timestamps: list[float] = field(default_factory=list)
+    tokens: torch.Tensor | None = None
+    raw: dict[str, Any] | None = None
+
+
+def media_parts(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The image/audio/video parts of a chat in order of appearance (the placeholders' order)."""
+    parts = []
+    for message in messages:
+        content = message.get("content", "")
+        if isinstance(content, list):
+            parts += [p for p in content if isinstance(p, dict) and p.get("type") in MEDIA_KINDS]
+    return parts
+
+
+def placeholder_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    return {"image": tokenizer.image_id, "audio": tokenizer.audio_id, "video": tokenizer.video_id}
+
+
+def expand_sequence(ids: list[int], mask: list[bool], media: list[Media],
+                    tokenizer: Tokenizer) -> tuple[list[int], list[bool], torch.Tensor]:
+    """Expand each placeholder to its media's tokens and compute multimodal positions.
+
+    ``ids``/``mask`` come from `Tokenizer.encode_chat` (one placeholder per media part, in the
+    order of ``media``). Returns the expanded ids (placeholder id repeated ``n_tokens`` times), the
+    loss mask (False on media tokens) and positions ``(3, len(expanded))``.
+    """
+    kind_of = {v: k for k, v in placeholder_ids(tokenizer).items()}
+    slots = [i for i, t in enumerate(ids) if t in kind_of]
+    if len(slots) != len(media):
+        raise MediaError(f"the chat has {len(slots)} media placeholders but {len(media)} media parts")
+    out_ids: list[int] = []
+    out_mask: list[bool] = []
+    positions: list[torch.Tensor] = []
+    nxt = 0  # the next free position of the running counter
+    start = 0
+    for slot, item in zip(slots, media):
+        if kind_of[ids[slot]] != item.kind:
+            raise MediaError(f"placeholder {ids[slot]} at token {slot} is not a {item.kind}")
+        text = ids[start:slot]
+        out_ids += text
+        out_mask += mask[start:slot]
+        positions.append(torch.arange(nxt, nxt + len(text)).expand(3, -1))
+        nxt += len(text)
+        pos = media_positions(item, nxt)
+        out_ids += [ids[slot]] * item.n_tokens
+        out_mask += [False] * item.n_tokens
+        positions.append(pos)
+        nxt = int(pos.max()) + 1 if pos.numel() else nxt
+        start = slot + 1
+    tail = ids[start:]
+    out_ids += tail
+    out_mask += mask[start:]
+    positions.append(torch.arange(nxt, nxt + len(tail)).expand(3, -1))
+    return out_ids, out_mask, torch.cat(positions, dim=1)
+
+
+def media_positions(item: Media, start: int) -> torch.Tensor:
+    """(time, height, width) positions ``(3, n_tokens)`` of one media item starting at ``start``."""
+    if item.kind == "audio":
+        t = start + TICKS_PER_TOKEN * torch.arange(item.n_tokens)
+        return t.expand(3, -1)
+    times = torch.tensor(item.timestamps or [0.0], dtype=torch.float64)
+    if item.kind == "image":
+        times = times[:1] * 0  # a still image is one frame at its own start time
+    return frame_positions(times, item.grid, start=start, ticks_per_second=TICKS_PER_SECOND)
+
+
+def shift_targets(ids: list[int], mask: list[bool]) -> list[int]:
+    """Next-token targets: ``targets[t] = ids[t + 1]`` where ``mask[t + 1]``, else -100."""
+    return [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class OmniModel(nn.Module):
+    """Encoders -> projectors -> Thinker -> Talker -> codec -> vocoder, one checkpoint directory."""
+
+    def __init__(self, cfg: OmniConfig, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.thinker = Thinker(cfg.thinker)
+        self.audio_frontend = LogMel(cfg.audio)
+        self.audio = AuT(cfg.audio)
+        self.vision = ViT(cfg.vision)
+        self.audio_proj = Projector(self.audio.merged_dim, cfg.projector_hidden, cfg.thinker.d_model)
+        self.vision_proj = Projector(4 * cfg.vision.d_model, cfg.projector_hidden, cfg.thinker.d_model)
+        self.talker = Talker(cfg.talker, cfg.codec, cfg.thinker.d_model)
+        self.codec = Codec(cfg.codec)
+        self.vocoder = GriffinLimVocoder(cfg.codec)  # nothing to train: the codec's mel, inverted
+        self.image_transform = image_transform(cfg.vision.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.thinker.tok_emb.weight.device
+
+    # ------------------------------------------------------------------------------------------
+    # Loading and encoding media
+
+    def load_media(self, part: dict[str, Any], base_dir: str | Path | None = None) -> Media:
+        """Read one chat part from disk into its encoder input (the encoder does not run yet).
+
+        ``raw``: image ``{"pixels": (1, 3, H, W)}``; video ``{"pixels": (n_frames, 3, H, W)}``;
+        audio ``{"mel": (frames, n_mels)}``. Missing files and unreadable formats raise the loaders'
+        one-line errors (`ImageError`, `AudioError`, `VideoError`).
+        """
+        kind, path = part.get("type"), part.get("path")
+        if kind not in MEDIA_KINDS:
+            raise MediaError(f"part type {kind!r} is not a media kind; expected image, audio or video")
+        if not path:
+            raise MediaError(f"the {kind} part has no 'path'")
+        path = Path(base_dir) / path if base_dir is not None else Path(path)
+        if kind == "audio":
+            wave = load_audio(path, self.cfg.audio.sample_rate, self.cfg.audio.max_seconds)
+            mel = self.audio_frontend(wave)
+            frames = int(conv_output_lengths(torch.tensor(mel.shape[0])))
+            return Media(kind, (frames + 1) // 2, path.name, raw={"mel": mel})
+        if kind == "image":
+            pixels, times = self.image_transform(load_image(path))[None], []
+        else:
+            clip = read_video(path, n_frames=self.cfg.video_frames)
+            pixels, times = self.image_transform(clip.frames), clip.timestamps.tolist()
+        gh, gw = self.vision.patch_grid(pixels.shape[-2], pixels.shape[-1])
+        grid = ((gh + 1) // 2, (gw + 1) // 2)  # merge_2x2 pads an odd side
+        return Media(kind, pixels.shape[0] * grid[0] * grid[1], path.name, grid, times, raw={"pixels": pixels})
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images or frames ``(n, 3, H, W)`` -> merged patches ``(n, mh * mw, 4 * d_vision)``."""
+        grid = self.vision.patch_grid(pixels.shape[-2], pixels.shape[-1])
+        patches = self.vision(pixels.to(self.device))[:, 1:]  # drop CLS: the Thinker reads the patches
+        return merge_2x2(patches, grid)[0]
+
+    def encode_mels(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Log-mels ``(frames_i, n_mels)`` -> per clip 12.5 Hz tokens ``(n_tokens_i, 2 * d_audio)``."""
+        lengths = torch.tensor([m.shape[0] for m in mels], device=self.device)
+        padded = nn.utils.rnn.pad_sequence(mels, batch_first=True).to(self.device)
+        hidden, out_lengths = self.audio(padded, lengths)
+        merged, merged_lengths = merge_pairs(hidden, out_lengths)
+        return [merged[i, : int(n)] for i, n in enumerate(merged_lengths)]
+
+    def encode(self, media: Sequence[Media]) -> Sequence[Media]:
+        """Run the encoders on every item still holding ``raw`` input, batched per encoder."""
+        todo = [m for m in media if m.tokens is None]
+        seen = [m for m in todo if m.kind != "audio"]
+        if seen:
+            merged = self.encode_pixels(torch.cat([m.raw["pixels"] for m in seen]))
+            for item, chunk in zip(seen, merged.split([m.raw["pixels"].shape[0] for m in seen])):
+                item.tokens = chunk.reshape(-1, chunk.shape[-1])
+        heard = [m for m in todo if m.kind == "audio"]
+        if heard:
+            for item, tokens in zip(heard, self.encode_mels([m.raw["mel"] for m in heard])):
+                item.tokens = tokens
+        for item in todo:
+            if item.tokens.shape[0] != item.n_tokens:
+                raise MediaError(f"{item.kind} {item.name} gave {item.tokens.shape[0]} tokens, expected {item.n_tokens}")
+        return media
+
+    # ------------------------------------------------------------------------------------------
+    # Embedding a batch
+
+    def embed(self, input_ids: torch.Tensor, media_tokens: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """Token embeddings ``(batch, seq, d_model)`` with every placeholder copy replaced.
+
+        ``media_tokens[kind]`` holds the merged encoder tokens ``(n, d_in)`` of all media of that
+        kind in the batch, in row-major order of the placeholders (row by row, left to right).
+        """
+        embeds = self.thinker.embed(input_ids)
+        projectors = {"image": self.vision_proj, "video": self.vision_proj, "audio": self.audio_proj}
+        for kind, token_id in placeholder_ids(self.tokenizer_or_fail()).items():
+            where = input_ids == token_id
+            count = int(where.sum())
+            tokens = media_tokens.get(kind)
+            have = 0 if tokens is None else int(tokens.shape[0])
+            if count != have:
+                raise MediaError(f"{count} {kind} placeholder tokens but {have} {kind} tokens to fill them")
+            if count:
+                projected = projectors[kind](tokens.to(embeds.device)).to(embeds.dtype)
+                embeds = embeds.masked_scatter(where.unsqueeze(-1), projected)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                media_tokens: dict[str, torch.Tensor | None]):
+        """Thinker output (logits, hidden, aux_loss) over an expanded multimodal batch."""
+        return self.thinker(inputs_embeds=self.embed(input_ids, media_tokens),
+                            attention_mask=attention_mask, position_ids=position_ids)
+
+    def loss(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+             targets: torch.Tensor, media_tokens: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """Mean next-token CE on the positions whose (shifted) target is not -100."""
+        return self.thinker.loss(None, targets, attention_mask, inputs_embeds=self.embed(input_ids, media_tokens),
+                                 position_ids=position_ids)
+
+    def tokenizer_or_fail(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this OmniModel has no tokenizer; pass one or load a checkpoint that has one")
+        return self.tokenizer
+
+    # ------------------------------------------------------------------------------------------
+    # Prompts
+
+    def prepare(self, messages: Sequence[dict[str, Any]], max_new_tokens: int = 0,
+                base_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Media]]:
+        """Encode a chat for generation: expanded ids ``(seq,)``, positions ``(3, seq)``, its media.
+
+        Raises `ContextError` listing how many tokens each part takes when the prompt and
+        ``max_new_tokens`` do not fit ``thinker.max_seq_len`` (nothing is ever cut silently).
+        """
+        tokenizer = self.tokenizer_or_fail()
+        ids, mask = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        media = list(self.encode([self.load_media(part, base_dir) for part in media_parts(messages)]))
+        expanded, _, positions = expand_sequence(ids, mask, media, tokenizer)
+        limit = self.cfg.thinker.max_seq_len
+        if len(expanded) + max_new_tokens > limit:
+            text_tokens = len(ids) - len(media)
+            parts = [f"text {text_tokens}"] + [
+                f"{m.kind} {m.name} {m.n_tokens}" + (f" ({len(m.timestamps)} frames)" if m.kind == "video" else "")
+                for m in media]
+            raise ContextError(
+                f"prompt needs {len(expanded)} tokens + {max_new_tokens} new = {len(expanded) + max_new_tokens}, "
+                f"more than the context of {limit} (max_seq_len): {', '.join(parts)}; "
+                f"use shorter audio, fewer frames or media, or fewer new tokens")
+        return torch.tensor(expanded), positions, media
+
+    @staticmethod
+    def group_media(media: Sequence[Media]) -> dict[str, torch.Tensor | None]:
+        """Concatenate media tokens per kind, in order (the layout `embed` expects)."""
+        grouped: dict[str, torch.Tensor | None] = {}
+        for kind in MEDIA_KINDS:
+            tokens = [m.tokens for m in media if m.kind == kind]
+            grouped[kind] = torch.cat(tokens) if tokens else None
+        return grouped
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def answer_batch(self, chats: Sequence[Sequence[dict[str, Any]]], max_new_tokens: int = 32,
+                     base_dir: str | Path | None = None, batch_size: int = 32) -> list[str]:
+        """Greedy answers to many chats at once (left-padded batches through `Thinker.generate`)."""
+        tokenizer = self.tokenizer_or_fail()
+        was_training = self.training
+        self.eval()
+        prepared = [self.prepare(messages, max_new_tokens, base_dir) for messages in chats]
+        # Similar lengths share a batch, so little compute goes to padding.
+        order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
+        answers: list[str] = [""] * len(prepared)
+        d_model = self.cfg.thinker.d_model
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            longest = max(len(prepared[i][0]) for i in rows)
+            embeds = torch.zeros(len(rows), longest, d_model, device=self.device)
+            mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=self.device)
+            positions = torch.zeros(3, len(rows), longest, dtype=torch.long, device=self.device)
+            for row, i in enumerate(rows):
+                ids, pos, media = prepared[i]
+                n = len(ids)
+                embeds[row, longest - n:] = self.embed(ids[None].to(self.device), self.group_media(media))[0]
+                mask[row, longest - n:] = True
+                positions[:, row, longest - n:] = pos.to(self.device)
+            new = self.thinker.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                        max_new_tokens=max_new_tokens,
+                                        stop_ids=(tokenizer.eos_id, tokenizer.im_end_id))
+            for i, tokens in zip(rows, new):
+                answers[i] = tokenizer.decode(tokens)
+        self.train(was_training)
+        return answers
+
+    @torch.no_grad()
+    def generate_ids(self, messages: Sequence[dict[str, Any]], max_new_tokens: int = 64,
+                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                     generator: torch.Generator | None = None,
+                     base_dir: str | Path | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(token_id, hidden)`` for each new token, stopping at ``<|im_end|>``/``<|eos|>``.
+
+        ``hidden`` ``(d_model,)`` is the Thinker's state *at* that token (the state the Talker
+        reads), computed when the token is fed back in.
+        """
+        tokenizer = self.tokenizer_or_fail()
+        ids, positions, media = self.prepare(messages, max_new_tokens, base_dir)
+        device = self.device
+        ids, positions = ids[None].to(device), positions[:, None].to(device)
+        embeds = self.embed(ids, self.group_media(media))
+        cache = self.thinker.new_cache(1, ids.shape[1] + max_new_tokens)
+        out = self.thinker(inputs_embeds=embeds, position_ids=positions, cache=cache)
+        next_pos = int(positions.max()) + 1
+        stops = {tokenizer.eos_id, tokenizer.im_end_id}
+        for step in range(max_new_tokens):
+            token = int(sample(out.logits[:, -1], temperature, top_k, top_p, generator))
+            if token in stops:
+                return
+            pos = torch.full((3, 1, 1), next_pos + step, device=device)
+            out = self.thinker(torch.tensor([[token]], device=device), position_ids=pos, cache=cache)
+            yield token, out.hidden[0, -1]
+
+    def chat(self, messages: Sequence[dict[str, Any]], speak: bool = False, stream: bool = False,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int | None = None, base_dir: str | Path | None = None):
+        """Answer a chat.
+
+        Returns the answer text, or ``(text, waveform)`` with ``speak=True`` (waveform ``(samples,)``
+        float32 at 16 kHz). With ``stream=True`` returns an iterator instead: it yields ``str`` pieces
+        as tokens are generated and, with ``speak=True``, a waveform chunk ``torch.Tensor`` as soon as
+        each sentence is complete. The joined pieces equal the non-streamed text.
+        """
+        events = self._stream(messages, speak, max_new_tokens, temperature, top_k, top_p, seed, base_dir)
+        if stream:
+            return events
+        pieces, chunks = [], []
+        for event in events:
+            (pieces if isinstance(event, str) else chunks).append(event)
+        text = "".join(pieces)
+        if not speak:
+            return text
+        return text, torch.cat(chunks) if chunks else torch.zeros(0)
+
+    def _stream(self, messages, speak, max_new_tokens, temperature, top_k, top_p, seed, base_dir):
+        tokenizer = self.tokenizer_or_fail()
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            ids: list[int] = []
+            hiddens: list[torch.Tensor] = []
+            sentence_start, emitted = 0, ""
+            for token, hidden in self.generate_ids(messages, max_new_tokens, temperature, top_k, top_p,
+                                                   generator, base_dir):
+                ids.append(token)
+                hiddens.append(hidden)
+                text = tokenizer.decode(ids)
+                # Hold back an incomplete UTF-8 character until its last byte arrives.
+                if text.startswith(emitted) and not text.endswith("\ufffd") and len(text) > len(emitted):
+                    yield text[len(emitted):]
+                    emitted = text
+                if speak and SENTENCE_END.search(tokenizer.decode(ids[sentence_start:])):
+                    yield self.speak_tokens(ids[sentence_start:], torch.stack(hiddens[sentence_start:]), generator=generator)
+                    sentence_start = len(ids)
+            text = tokenizer.decode(ids)
+            if text.startswith(emitted) and len(text) > len(emitted):
+                yield text[len(emitted):]
+            if speak and sentence_start < len(ids):
+                yield self.speak_tokens(ids[sentence_start:], torch.stack(hiddens[sentence_start:]), generator=generator)
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------------------------------
+    # Speech
+
+    def talker_conditioning(self, hiddens: Sequence[torch.Tensor], ids: Sequence[torch.Tensor]
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-pad per-answer Thinker states ``(n_i, d_model)`` and token ids ``(n_i,)`` for the Talker.
+
+        Returns hidden states and the Thinker's token embeddings ``(batch, longest, d_model)`` and a
+        mask ``(batch, longest)``. Both are detached: the Talker learns to read the Thinker, it
+        does not change it.
+        """
+        longest = max(int(h.shape[0]) for h in hiddens)
+        d_model, device = self.cfg.thinker.d_model, self.device
+        hidden = torch.zeros(len(hiddens), longest, d_model, device=device)
+        embeds = torch.zeros(len(hiddens), longest, d_model, device=device)
+        mask = torch.zeros(len(hiddens), longest, dtype=torch.bool, device=device)
+        for row, (h, i) in enumerate(zip(hiddens, ids)):
+            n = int(h.shape[0])
+            hidden[row, longest - n:] = h.detach().to(device)
+            embeds[row, longest - n:] = self.thinker.embed(i.to(device)).detach()
+            mask[row, longest - n:] = True
+        return hidden, embeds, mask
+
+    def talker_loss(self, hiddens: Sequence[torch.Tensor], ids: Sequence[torch.Tensor],
+                    codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean code cross-entropy of the Talker speaking each answer: its states, ids and codes ``(n_q, frames)``."""
+        hidden, embeds, mask = self.talker_conditioning(hiddens, ids)
+        inputs, targets = self.talker.make_batch([c.cpu() for c in codes])
+        loss, _ = self.talker.loss(hidden, embeds, mask, inputs.to(self.device), targets.to(self.device))
+        return loss
+
+    @torch.no_grad()
+    def speak_tokens(self, ids: Sequence[int], hidden: torch.Tensor, temperature: float = 0.8, top_k: int = 50,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Speak answer tokens from their Thinker states ``(n, d_model)``: waveform ``(samples,)`` at 16 kHz."""
+        cond_hidden, embeds, mask = self.talker_conditioning([hidden], [torch.tensor(list(ids))])
+        codes = self.talker.generate(cond_hidden, embeds, mask, temperature=temperature, top_k=top_k,
+                                     generator=generator)[0]
+        if codes.shape[-1] == 0:
+            return torch.zeros(0)
+        mel = self.codec.decode(codes[None].to(self.device))  # (1, n_mels, frames)
+        return self.vocoder(mel)[0].float().cpu()
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save(self, path: str | Path) -> Path:
+        """Write the whole model (weights, config, tokenizer) as one checkpoint directory."""
+        return save_checkpoint(path, self, self.cfg, self.tokenizer, extra={"kind": "omni"})
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> OmniModel:
+        """Read a directory written by `save` (or a run directory holding ``best/``/``last/``)."""
+        path = resolve(path)
+        state, config = load_checkpoint(path)
+        kind = config.pop("kind", "omni")
+        if kind not in ("omni", "sft"):
+            raise ValueError(f"{path} holds a '{kind}' checkpoint, not a whole model; "
+                             f"use the sft run (runs/<preset>/sft) or a directory written by OmniModel.save")
+        tokenizer = Tokenizer.load(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+        model = cls(from_dict(OmniConfig, config), tokenizer)
+        model.load_state_dict(state)
+        return model.to(map_location).eval()

@@ -1,0 +1,150 @@
+"""OmniModel: placeholder expansion, positions, loss mask, chats in every modality, streaming, context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from muomni.omni import ContextError, Media, OmniModel, expand_sequence, shift_targets
+from muomni.thinker import IGNORE_INDEX
+from omni_fixtures import small_model, small_tokenizer, write_media
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return small_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return small_model(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    return write_media(tmp_path_factory.mktemp("media"))
+
+
+def chat_with_everything(media, question="what colour is the circle?"):
+    return [{"role": "user", "content": [
+        {"type": "image", "path": str(media["image"])},
+        {"type": "text", "text": "look."},
+        {"type": "audio", "path": str(media["audio"])},
+        {"type": "video", "path": str(media["video"])},
+        {"type": "text", "text": question}]}]
+
+
+def test_placeholders_expand_to_the_right_tokens_at_the_right_places(tokenizer):
+    image = Media("image", 4, grid=(2, 2), tokens=torch.zeros(4, 8))
+    audio = Media("audio", 3, tokens=torch.zeros(3, 8))
+    video = Media("video", 8, grid=(2, 2), timestamps=[0.0, 0.5], tokens=torch.zeros(8, 8))
+    messages = [{"role": "user", "content": [{"type": "image", "path": "a"}, {"type": "text", "text": "hi"},
+                                             {"type": "audio", "path": "b"}, {"type": "video", "path": "c"}]},
+                {"role": "assistant", "content": "red."}]
+    ids, mask = tokenizer.encode_chat(messages)
+    out_ids, out_mask, positions = expand_sequence(ids, mask, [image, audio, video], tokenizer)
+
+    assert len(out_ids) == len(ids) - 3 + 4 + 3 + 8
+    first_image = ids.index(tokenizer.image_id)
+    assert out_ids[first_image:first_image + 4] == [tokenizer.image_id] * 4
+    assert out_ids.count(tokenizer.audio_id) == 3 and out_ids.count(tokenizer.video_id) == 8
+    # the text between placeholders is unchanged and in order
+    assert [t for t in out_ids if t not in (5, 6, 7)] == [t for t in ids if t not in (5, 6, 7)]
+    assert not any(m for t, m in zip(out_ids, out_mask) if t in (5, 6, 7))
+
+    # text before the image counts 0, 1, 2, ... equally in time, height and width
+    assert positions[:, :first_image].tolist() == [list(range(first_image))] * 3
+    p = first_image
+    # the image: one time, a 2x2 grid of heights and widths
+    assert positions[:, p:p + 4].tolist() == [[p] * 4, [p, p, p + 1, p + 1], [p, p + 1, p, p + 1]]
+    assert positions[0, p + 4] == p + 2  # text resumes after the largest image position
+    audio_at = out_ids.index(tokenizer.audio_id)
+    start = int(positions[0, audio_at])
+    assert positions[:, audio_at:audio_at + 3].tolist() == [[start, start + 2, start + 4]] * 3
+    video_at = out_ids.index(tokenizer.video_id)
+    v0 = int(positions[0, video_at])
+    assert v0 == start + 5
+    # frame two sits 0.5 s = 12.5 -> 12 ticks later at 25 ticks per second; same grid
+    assert positions[0, video_at + 4:video_at + 8].tolist() == [v0 + 12] * 4
+    assert positions[1:, video_at + 4:video_at + 8].tolist() == positions[1:, video_at:video_at + 4].tolist()
+    assert int(positions[0, video_at + 8]) == v0 + 13
+
+
+def test_loss_mask_covers_only_assistant_tokens(tokenizer):
+    image = Media("image", 4, grid=(2, 2), tokens=torch.zeros(4, 8))
+    messages = [{"role": "system", "content": "be brief."},
+                {"role": "user", "content": [{"type": "image", "path": "a"}, {"type": "text", "text": "what colour?"}]},
+                {"role": "assistant", "content": "red."}]
+    ids, mask = tokenizer.encode_chat(messages)
+    out_ids, out_mask, _ = expand_sequence(ids, mask, [image], tokenizer)
+    targets = shift_targets(out_ids, out_mask)
+    learned = [t for t in targets if t != IGNORE_INDEX]
+    assert tokenizer.decode(learned) == "red."
+    assert learned[-1] == tokenizer.im_end_id
+    assert tokenizer.im_end_id in learned and sum(out_mask) == len(learned)
+
+
+def test_projected_media_land_on_their_placeholders(model, media):
+    messages = chat_with_everything(media)
+    ids, _, items = model.prepare(messages)
+    with torch.no_grad():
+        embeds = model.embed(ids[None], model.group_media(items))[0]
+        image = items[0]
+        at = (ids == model.tokenizer.image_id).nonzero().flatten()
+        torch.testing.assert_close(embeds[at], model.vision_proj(image.tokens))
+        text_at = (ids == model.tokenizer.im_start_id).nonzero().flatten()
+        torch.testing.assert_close(embeds[text_at], model.thinker.embed(ids[text_at]))
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "audio", "video", "all"])
+def test_chat_with_each_modality_runs_end_to_end(model, media, kind):
+    if kind == "text":
+        messages = [{"role": "user", "content": "what colour is the circle?"}]
+    elif kind == "all":
+        messages = chat_with_everything(media)
+    else:
+        messages = [{"role": "user", "content": [{"type": kind, "path": str(media[kind])},
+                                                 {"type": "text", "text": "what is it?"}]}]
+    text = model.chat(messages, max_new_tokens=6, temperature=1.0, seed=0)
+    assert isinstance(text, str)
+    text, wave = model.chat(messages, speak=True, max_new_tokens=4, temperature=1.0, seed=0)
+    assert wave.dim() == 1 and wave.dtype == torch.float32 and torch.isfinite(wave).all()
+
+
+def test_streaming_yields_the_same_text_as_one_answer(model, media):
+    messages = chat_with_everything(media)
+    whole = model.chat(messages, max_new_tokens=12, temperature=1.0, seed=3)
+    pieces = list(model.chat(messages, stream=True, max_new_tokens=12, temperature=1.0, seed=3))
+    assert all(isinstance(p, str) for p in pieces)
+    assert "".join(pieces) == whole and len(whole) > 0
+
+
+def test_streaming_speech_arrives_in_chunks_with_the_text(model, media):
+    messages = chat_with_everything(media)
+    events = list(model.chat(messages, speak=True, stream=True, max_new_tokens=8, temperature=1.0, seed=1))
+    text = "".join(e for e in events if isinstance(e, str))
+    assert text == model.chat(messages, max_new_tokens=8, temperature=1.0, seed=1)
+    assert any(isinstance(e, torch.Tensor) for e in events)
+
+
+def test_context_overflow_names_each_part(tokenizer, media):
+    model = small_model(tokenizer, overrides=("thinker.max_seq_len=64", "video_frames=8"))
+    with pytest.raises(ContextError) as error:
+        model.chat(chat_with_everything(media), max_new_tokens=8)
+    message = str(error.value)
+    assert "max_seq_len" in message and "64" in message
+    for part in ("text", "image scene.png 4", "audio question.wav", "video clip.gif 32 (8 frames)"):
+        assert part in message
+
+
+def test_save_and_load_give_the_same_answers(model, media, tmp_path):
+    messages = chat_with_everything(media)
+    model.save(tmp_path / "omni")
+    loaded = OmniModel.load(tmp_path / "omni")
+    assert loaded.chat(messages, max_new_tokens=6, temperature=1.0, seed=5) == \
+        model.chat(messages, max_new_tokens=6, temperature=1.0, seed=5)
+
+
+def test_batched_answers_match_single_answers(model, media):
+    chats = [chat_with_everything(media), [{"role": "user", "content": "what colour is the circle?"}]]
+    assert model.answer_batch(chats, max_new_tokens=5) == [model.chat(c, max_new_tokens=5) for c in chats]
