@@ -1,0 +1,172 @@
+"""Stage A: pretrain the Thinker (and its tokenizer) on plain text.
+
+The recipe of GPT-2 (Radford et al., 2019) at toy scale: learn a byte-level BPE on the training
+documents, concatenate the tokenised documents with ``<|eos|>`` between them, cut the stream into
+rows of ``seq_len + 1`` tokens ("packing": no compute is spent on padding), and minimise next-token
+cross-entropy. Only the last row is padded; its padded targets are ``-100`` and ignored. Padding sits
+at the end of the row, so causal attention never lets a real token see it and no attention mask is
+needed. Documents in one row may attend to each other across ``<|eos|>``; the model learns that
+``<|eos|>`` starts something new.
+
+Data: ``<data>/text/{train,val,test}.jsonl`` (``{"text": ...}`` per line), plus TinyStories converted
+to the same format in ``<data>/../tinystories/`` when it is there. Evaluation reports held-out
+perplexity next to a unigram model on the same tokenizer: the gap is what context buys.
+
+Batches: ``input_ids`` and ``targets``, both ``(batch, seq_len)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from muomni.checkpoint import load_checkpoint, resolve
+from muomni.config import ThinkerConfig, TrainConfig, from_dict
+from muomni.data.index import JsonlIndex
+from muomni.thinker import Thinker
+from muomni.tokenizer import Tokenizer
+from muomni.train.stages import resolve_configs, run_stage, stage_checkpoint
+from muomni.train.trainer import pick_device
+
+TRAIN_DEFAULTS = {
+    # ~2 minutes on 2 CPU cores: 120 steps x 16 rows x 128 tokens = 246k tokens (~1.3 passes over the world text)
+    "tiny": TrainConfig(steps=120, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20, weight_decay=0.1,
+                        eval_every=40, eval_batches=4, save_every=40, log_every=10),
+    # one 12 GB GPU: 5000 steps x 32 rows x 512 tokens = 82M tokens
+    "base": TrainConfig(steps=5000, batch_size=32, seq_len=512, lr=1e-3, warmup_steps=200, weight_decay=0.1,
+                        eval_every=500, eval_batches=20, save_every=500, log_every=20, num_workers=2),
+}
+TOKENIZER_DOCS = 200_000  # the tokenizer learns its merges from at most this many documents
+
+
+def text_files(data_dir: Path, split: str) -> list[Path]:
+    """The text manifests of ``split``: the world's, and TinyStories' when it is present."""
+    files = [path for path in (data_dir / "text" / f"{split}.jsonl", data_dir.parent / "tinystories" / f"{split}.jsonl")
+             if path.is_file()]
+    if not files:
+        raise FileNotFoundError(f"no text corpus: {data_dir / 'text' / f'{split}.jsonl'} does not exist; "
+                                f"build the world with `muomni data world --out {data_dir}`")
+    return files
+
+
+def read_texts(files: list[Path]) -> list[str]:
+    return [record["text"] for path in files for record in JsonlIndex(path, required=("text",), cache=False)]
+
+
+def pack(texts: list[str], tokenizer: Tokenizer, seq_len: int, chunk: int = 10_000) -> torch.Tensor:
+    """Documents -> ``(rows, seq_len + 1)`` int64 token rows: ``doc <|eos|> doc <|eos|> ...`` cut into
+    rows; the tail of the last row is ``<|pad|>``."""
+    pieces = []
+    for start in range(0, len(texts), chunk):  # int32 chunks keep big corpora (TinyStories) compact
+        for ids in tokenizer.encode_batch(texts[start:start + chunk]):
+            pieces.append(np.asarray(ids + [tokenizer.eos_id], dtype=np.int32))
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    width = seq_len + 1
+    rows = -(-len(stream) // width)
+    padded = np.full(rows * width, tokenizer.pad_id, dtype=np.int32)
+    padded[:len(stream)] = stream
+    return torch.from_numpy(padded.reshape(rows, width)).long()
+
+
+class PackedText(Dataset):
+    """Rows of packed tokens as ``{"input_ids": (seq_len,), "targets": (seq_len,)}``; pad targets are -100."""
+
+    def __init__(self, rows: torch.Tensor, pad_id: int):
+        self.rows, self.pad_id = rows, pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.rows[i]
+        targets = row[1:].clone()
+        # A pad after the final <|eos|> is not text; the <|eos|> itself is, so it stays a target.
+        targets[row[1:] == self.pad_id] = -100
+        return {"input_ids": row[:-1], "targets": targets}
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def lm_loss(model: Thinker, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token cross-entropy; ``tokens`` (real targets) feeds the tokens/s meter."""
+    loss = model.loss(batch["input_ids"], batch["targets"])
+    return loss, {"tokens": float((batch["targets"] != -100).sum())}
+
+
+def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], resume: bool) -> Path:
+    """Train the tokenizer (or reuse it when resuming) and the Thinker into ``runs_dir/thinker``."""
+    omni, train_cfg = resolve_configs(preset, TRAIN_DEFAULTS, overrides)
+    cfg = omni.thinker
+    if train_cfg.seq_len > cfg.max_seq_len:
+        raise ValueError(f"train.seq_len {train_cfg.seq_len} exceeds thinker.max_seq_len {cfg.max_seq_len}")
+    texts = read_texts(text_files(data_dir, "train"))
+    if resume:
+        tokenizer = Tokenizer.load(runs_dir / "thinker" / "last")
+    else:
+        tokenizer = Tokenizer.train(texts[:TOKENIZER_DOCS], cfg.vocab_size)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but thinker.vocab_size is {cfg.vocab_size}")
+    train_data = PackedText(pack(texts, tokenizer, train_cfg.seq_len), tokenizer.pad_id)
+    val_data = PackedText(pack(read_texts(text_files(data_dir, "val")), tokenizer, train_cfg.seq_len), tokenizer.pad_id)
+
+    torch.manual_seed(train_cfg.seed)
+    model = Thinker(cfg)
+    run_dir = run_stage("thinker", runs_dir, model, cfg, train_cfg, train_data, collate, lm_loss,
+                        val_data=val_data, tokenizer=tokenizer, resume=resume, preset=preset)
+    if int(os.environ.get("RANK", "0")) == 0:  # a greedy sample from the saved model: a new document
+        trained, _ = load_thinker(resolve(run_dir))
+        sample = trained.generate(torch.tensor([[tokenizer.eos_id]]), max_new_tokens=40)[0]
+        print(f"thinker sample: {tokenizer.decode(sample)}")
+    return run_dir
+
+
+def load_thinker(checkpoint_dir: Path) -> tuple[Thinker, Tokenizer]:
+    """A Thinker and its tokenizer from a checkpoint directory (e.g. ``stage_checkpoint(runs, "thinker")``)."""
+    weights, config = load_checkpoint(checkpoint_dir)
+    config.pop("kind", None)
+    model = Thinker(from_dict(ThinkerConfig, config))
+    model.load_state_dict(weights)
+    return model.eval(), Tokenizer.load(checkpoint_dir)
+
+
+@torch.no_grad()
+def perplexities(model: Thinker, tokenizer: Tokenizer, train_texts: list[str], test_texts: list[str],
+                 seq_len: int, batch_size: int = 16) -> dict[str, float]:
+    """Held-out perplexity of ``model`` and of an add-one unigram model fitted on ``train_texts``,
+    both over the same target tokens of the packed ``test_texts``."""
+    rows = pack(test_texts, tokenizer, seq_len)
+    test = PackedText(rows, tokenizer.pad_id)
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(test), batch_size):
+        batch = collate([test[i] for i in range(start, min(start + batch_size, len(test)))])
+        batch = {key: value.to(model.head.weight.device) for key, value in batch.items()}
+        tokens = int((batch["targets"] != -100).sum())
+        total_nll += model.loss(batch["input_ids"], batch["targets"]).item() * tokens
+        total_tokens += tokens
+
+    counts = Counter(i for ids in tokenizer.encode_batch(train_texts) for i in ids + [tokenizer.eos_id])
+    denominator = sum(counts.values()) + model.cfg.vocab_size
+    targets = torch.cat([test[i]["targets"] for i in range(len(test))])
+    targets = targets[targets != -100].tolist()
+    unigram_nll = -sum(math.log((counts[t] + 1) / denominator) for t in targets)
+    return {"perplexity": math.exp(total_nll / total_tokens),
+            "unigram_perplexity": math.exp(unigram_nll / len(targets)), "tokens": total_tokens}
+
+
+def evaluate(runs_dir: Path, data_dir: Path) -> dict:
+    """Held-out (``test``) perplexity of the trained Thinker and of a unigram baseline."""
+    checkpoint = stage_checkpoint(runs_dir, "thinker")
+    model, tokenizer = load_thinker(checkpoint)
+    seq_len = json.loads((runs_dir / "thinker" / "run.json").read_text())["train"]["seq_len"]
+    test = perplexities(model.to(pick_device()), tokenizer, read_texts(text_files(data_dir, "train")),
+                        read_texts(text_files(data_dir, "test")), seq_len)
+    return {"test": test}
