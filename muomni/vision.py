@@ -294,3 +294,22 @@ def caption_ids(tokenizer, text: str, max_len: int) -> list[int]:
     """``<|bos|> tokens <|eos|>`` of a caption, cut to ``max_len`` (the end-of-text token is kept)."""
     ids = tokenizer.encode(text)[: max_len - 2]
     return [tokenizer.bos_id, *ids, tokenizer.eos_id]
+
+
+def recall_at_k(similarity: torch.Tensor, captions: list[str], ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Retrieval recall both ways from ``similarity`` ``(n, n)`` (image i, caption i is a pair).
+
+    Image -> text: a hit at k if any of the k best captions for image i has the same text as
+    caption i (scenes may share a caption, and identical texts score identically). Text -> image:
+    a hit if any of the k best images for caption i has caption i's text. Returns
+    ``{"image_to_text_r1": ..., "text_to_image_r1": ..., ...}`` as fractions.
+    """
+    ids = {text: k for k, text in enumerate(dict.fromkeys(captions))}
+    group = torch.tensor([ids[text] for text in captions], device=similarity.device)
+    scores = {}
+    for name, sim in (("image_to_text", similarity), ("text_to_image", similarity.T)):
+        for k in ks:
+            top = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (n, k)
+            hits = (group[top] == group[:, None]).any(dim=1)
+            scores[f"{name}_r{k}"] = hits.float().mean().item()
+    return scores

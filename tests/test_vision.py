@@ -14,6 +14,7 @@ from PIL import Image
 from muomni.config import VisionConfig
 from muomni.vision import (
     CLIP, ImageError, TextTower, ViT, caption_ids, image_transform, info_nce, load_image, merge_2x2, patch_grid,
+    recall_at_k,
 )
 
 CFG = VisionConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64, image_size=32, patch_size=8,
@@ -155,6 +156,20 @@ def test_text_tower_ignores_padding(causal, pool):
     torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-4)
 
 
+def test_recall_counts_a_repeated_caption_as_a_hit():
+    captions = ["a red star.", "a red star.", "a blue circle.", "a green square."]
+    similarity = torch.tensor([
+        [0.5, 0.9, 0.3, 0.0],  # image 0 prefers caption 1: the same text as its own, so a hit
+        [0.2, 0.9, 0.0, 0.1],
+        [0.0, 0.1, 0.2, 0.9],  # image 2 prefers the wrong caption: a miss at 1, a hit at 2
+        [0.0, 0.0, 0.0, 0.8],
+    ])
+    scores = recall_at_k(similarity, captions, ks=(1, 2))
+    assert scores["image_to_text_r1"] == 0.75 and scores["image_to_text_r2"] == 1.0
+    # captions 0 and 1 find a red-star image; caption 2 ranks image 0 first, caption 3 image 2: misses
+    assert scores["text_to_image_r1"] == 0.5
+
+
 def test_caption_ids_keep_the_end_of_text_token():
     class Letters:  # one id per character
         bos_id, eos_id = 1, 2
@@ -253,3 +268,70 @@ def test_transforms_resize_normalise_and_never_flip():
         assert x.shape == (3, 32, 32)
         assert x[0, :, :4].mean() > x[2, :, :4].mean()  # the left edge stays red
         assert x[2, :, -4:].mean() > x[0, :, -4:].mean()  # the right edge stays blue
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage C end to end on a toy world
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 100, 235), "yellow": (235, 215, 40)}
+
+
+@pytest.fixture(scope="module")
+def toy_world(tmp_path_factory):
+    """A few 32 px images of one coloured square each, and a fake thinker run holding a tokenizer."""
+    import json
+    import random
+
+    from muomni.checkpoint import save_checkpoint
+    from muomni.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("stage")
+    (root / "world/images/png").mkdir(parents=True)
+    rng, number, captions = random.Random(0), 0, []
+    for split, count in (("train", 24), ("val", 8), ("test", 8), ("comp", 8)):
+        with open(root / f"world/images/{split}.jsonl", "w") as manifest:
+            for _ in range(count):
+                number += 1
+                colour, side = rng.choice(list(COLOURS)), rng.choice(["left", "right"])
+                image = Image.new("RGB", (32, 32), (30, 30, 30))
+                image.paste(COLOURS[colour], (2 if side == "left" else 18, 10, 14 if side == "left" else 30, 22))
+                image.save(root / f"world/images/png/{number:03d}.png")
+                caption = f"a {colour} square on the {side}."
+                captions.append(caption)
+                manifest.write(json.dumps({"id": str(number), "image": f"png/{number:03d}.png",
+                                           "captions": [caption, f"there is a {colour} square."]}) + "\n")
+    tokenizer = Tokenizer.train(captions * 3, vocab_size=300)
+    save_checkpoint(root / "runs/thinker/best", {"unused": torch.zeros(1)}, {"kind": "thinker"}, tokenizer=tokenizer)
+    return root
+
+
+SMALL = ["vision.image_size=32", "vision.d_model=32", "vision.n_layers=1", "vision.d_ff=64", "vision.embed_dim=16",
+         "vision.text_layers=1", "train.steps=3", "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=2"]
+
+
+def test_stage_trains_and_reports_retrieval_both_ways(toy_world):
+    import json
+
+    from muomni.train import stage_vision
+
+    run = stage_vision.train("tiny", toy_world / "world", toy_world / "runs", SMALL, resume=False)
+    assert (run / "best/model.safetensors").is_file() and (run / "last/tokenizer.json").is_file()
+    assert json.loads((run / "run.json").read_text())["finished"] is True
+    results = stage_vision.evaluate(toy_world / "runs", toy_world / "world")
+    assert set(results) == {"test", "comp"}
+    for split in results.values():
+        assert split["pool"] == 8 and split["pairs"] == 8
+        for key in ("image_to_text_r1", "image_to_text_r5", "text_to_image_r1", "text_to_image_r5"):
+            assert 0.0 <= split[key] <= 1.0
+        assert split["image_to_text_r5"] >= split["image_to_text_r1"]
+    model, _ = stage_vision.load_clip(run)
+    assert model.cfg.d_model == 32 and model.vision(torch.zeros(1, 3, 32, 32)).shape == (1, 17, 32)
+
+
+def test_stage_without_a_thinker_says_to_train_it_first(toy_world, tmp_path):
+    from muomni.train import stage_vision
+    from muomni.train.stages import StageError
+
+    with pytest.raises(StageError, match="run `muomni train --stage thinker` first"):
+        stage_vision.train("tiny", toy_world / "world", tmp_path / "runs", SMALL, resume=False)

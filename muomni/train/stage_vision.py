@@ -1,0 +1,186 @@
+"""Stage C: the ViT learns to see by matching images with their captions (CLIP-style).
+
+Each batch holds images and one caption of each (drawn at random from the record's captions). The
+ViT and a small text tower, which reads the Thinker's tokenizer ids (stage A must have run), embed
+both; the symmetric InfoNCE loss pulls matching pairs together and pushes the rest of the batch
+apart. Captions that are the same text count as matching each other (`vision.info_nce` groups).
+
+Evaluation is retrieval among 100 held-out pairs: for each image, rank the 100 captions (image ->
+text), and for each caption, rank the 100 images (text -> image); R@k is the fraction whose match is
+in the top k. Scenes can share a caption, so a hit is any retrieved caption whose text equals the
+right one. Splits larger than 100 are cut into pools of 100 and the recalls averaged.
+
+Usage: ``muomni train --stage vision --preset tiny`` then ``muomni eval --stage vision``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from muomni.checkpoint import CheckpointError, load_checkpoint, resolve
+from muomni.config import TrainConfig, VisionConfig, from_dict
+from muomni.data.index import JsonlIndex
+from muomni.tokenizer import Tokenizer
+from muomni.train.stages import StageError, resolve_configs, run_stage, stage_checkpoint
+from muomni.vision import CLIP, caption_ids, image_transform, info_nce, load_image, recall_at_k
+
+STAGE = "vision"
+POOL = 100  # retrieval is among this many held-out pairs
+
+TRAIN_DEFAULTS = {
+    "tiny": TrainConfig(steps=600, batch_size=128, lr=2e-3, min_lr_ratio=0.05, warmup_steps=40,
+                        weight_decay=0.05, eval_every=100, eval_batches=1, save_every=200, log_every=10),
+    "base": TrainConfig(steps=6000, batch_size=256, lr=1e-3, min_lr_ratio=0.05, warmup_steps=300,
+                        weight_decay=0.05, eval_every=500, eval_batches=4, save_every=500, log_every=20),
+}
+
+
+class CaptionedImages(Dataset):
+    """``images/<split>.jsonl`` as ``{"image": (3, size, size), "ids": [int], "caption": str}``.
+
+    Training draws one of the record's captions at random and augments the image; evaluation takes
+    the first caption (which names every object with its size, colour and place) and no augmentation.
+    """
+
+    def __init__(self, manifest: Path, tokenizer: Tokenizer, cfg: VisionConfig, train: bool,
+                 cache_mb: float = 1024):
+        self.index = JsonlIndex(manifest, required=("image", "captions"))
+        self.base = manifest.parent
+        self.tokenizer, self.max_len, self.train = tokenizer, cfg.text_max_len, train
+        self.transform = image_transform(cfg.image_size, train=train, min_scale=cfg.augment_min_scale)
+        # Decoded images are kept (uint8) up to cache_mb, so later epochs skip PNG decoding.
+        self.cache: dict[int, torch.Tensor] = {}
+        self.cache_bytes, self.cache_limit = 0, cache_mb * 2**20
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        record = self.index[i]
+        captions = record["captions"]
+        if not captions:
+            raise self.index.error(i, "has no captions")
+        caption = captions[int(torch.randint(len(captions), ()))] if self.train else captions[0]
+        return {"image": self.transform(self.pixels(i, record)),
+                "ids": caption_ids(self.tokenizer, caption, self.max_len), "caption": caption}
+
+    def pixels(self, i: int, record: dict) -> torch.Tensor:
+        """The decoded image ``(3, H, W)`` uint8, from the cache when it is there."""
+        if i in self.cache:
+            return self.cache[i]
+        image = pil_to_tensor(load_image(self.base / record["image"]))
+        if self.cache_bytes + image.numel() <= self.cache_limit:
+            self.cache[i] = image
+            self.cache_bytes += image.numel()
+        return image
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images, right-pad ids with 0 (mask True on real tokens), and number the distinct captions."""
+    longest = max(len(item["ids"]) for item in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    for row, item in enumerate(items):
+        ids[row, : len(item["ids"])] = torch.tensor(item["ids"])
+    lengths = torch.tensor([len(item["ids"]) for item in items])
+    texts = [item["caption"] for item in items]
+    first = {text: k for k, text in reversed(list(enumerate(texts)))}  # one group id per distinct text
+    return {"images": torch.stack([item["image"] for item in items]), "ids": ids,
+            "mask": torch.arange(longest)[None] < lengths[:, None],
+            "groups": torch.tensor([first[text] for text in texts]), "captions": texts}
+
+
+def loss_fn(model: CLIP, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    logits = model(batch["images"], batch["ids"], batch["mask"])
+    loss = info_nce(logits, batch["groups"])
+    with torch.no_grad():  # in-batch image -> caption accuracy; a repeated caption counts as right
+        picked = batch["groups"][logits.argmax(dim=1)]
+        accuracy = (picked == batch["groups"]).float().mean().item()
+    return loss, {"batch_acc": accuracy, "logit_scale": model.logit_scale().item(),
+                  "tokens": float(batch["mask"].sum() + batch["images"].shape[0] * model.vision.pos_embed.shape[1])}
+
+
+def load_tokenizer(runs_dir: Path) -> Tokenizer:
+    """The Thinker's tokenizer from ``runs_dir/thinker`` (stage A), or a one-line error saying so."""
+    try:
+        checkpoint = stage_checkpoint(runs_dir, "thinker")
+    except (StageError, CheckpointError):
+        raise StageError(f"stage vision reads captions with the Thinker's tokenizer, but {runs_dir / 'thinker'} "
+                         "holds no trained thinker; run `muomni train --stage thinker` first") from None
+    if not (checkpoint / "tokenizer.json").is_file():
+        raise StageError(f"{checkpoint} has no tokenizer.json; retrain the thinker stage")
+    return Tokenizer.load(checkpoint / "tokenizer.json")
+
+
+def manifest(data_dir: Path, split: str) -> Path:
+    path = Path(data_dir) / "images" / f"{split}.jsonl"
+    if not path.is_file():
+        raise StageError(f"{path} does not exist; build the world with `muomni data world --out {data_dir}`")
+    return path
+
+
+def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], resume: bool) -> Path:
+    """Train the ViT and text tower on ``data_dir/images`` into ``runs_dir/vision``."""
+    omni, train_cfg = resolve_configs(preset, TRAIN_DEFAULTS, overrides)
+    cfg = omni.vision
+    tokenizer = load_tokenizer(Path(runs_dir))
+    train_data = CaptionedImages(manifest(data_dir, "train"), tokenizer, cfg, train=True)
+    val_path = Path(data_dir) / "images" / "val.jsonl"
+    val_data = CaptionedImages(val_path, tokenizer, cfg, train=False) if val_path.is_file() else None
+    torch.manual_seed(train_cfg.seed)
+    model = CLIP(cfg, tokenizer.vocab_size)
+    return run_stage(STAGE, Path(runs_dir), model, cfg, train_cfg, train_data, collate, loss_fn,
+                     val_data=val_data, tokenizer=tokenizer, resume=resume, preset=preset)
+
+
+def load_clip(run_dir: Path) -> tuple[CLIP, Tokenizer]:
+    """The trained CLIP model (eval mode) and its tokenizer from a vision run or checkpoint directory."""
+    checkpoint = resolve(run_dir)
+    weights, config = load_checkpoint(checkpoint)
+    cfg = from_dict(VisionConfig, {k: v for k, v in config.items() if k != "kind"})
+    model = CLIP(cfg, vocab_size=weights["text.token_embed.weight"].shape[0])
+    model.load_state_dict(weights)
+    return model.eval(), Tokenizer.load(checkpoint / "tokenizer.json")
+
+
+@torch.no_grad()
+def embed_split(model: CLIP, data: CaptionedImages, batch_size: int = 100) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Image and caption embeddings ``(n, embed_dim)`` of a split, and its caption texts."""
+    images, texts, captions = [], [], []
+    for start in range(0, len(data), batch_size):
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        images.append(model.encode_image(batch["images"]))
+        texts.append(model.encode_text(batch["ids"], batch["mask"]))
+        captions += batch["captions"]
+    return torch.cat(images), torch.cat(texts), captions
+
+
+def retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: list[str],
+              pool: int = POOL) -> dict[str, float]:
+    """R@1 and R@5 both ways, averaged over consecutive pools of ``pool`` pairs (a short tail is dropped)."""
+    n_pools = max(1, len(captions) // pool)
+    sums: dict[str, float] = {}
+    for k in range(n_pools):
+        part = slice(k * pool, (k + 1) * pool)
+        scores = recall_at_k(image_emb[part] @ text_emb[part].T, captions[part], ks=(1, 5))
+        for key, value in scores.items():
+            sums[key] = sums.get(key, 0.0) + value / n_pools
+    return {**sums, "pairs": min(len(captions), n_pools * pool), "pool": min(pool, len(captions))}
+
+
+def evaluate(runs_dir: Path, data_dir: Path) -> dict:
+    """Retrieval R@1/R@5 (image -> text and text -> image) on the ``test`` and ``comp`` splits."""
+    model, tokenizer = load_clip(Path(runs_dir) / STAGE)
+    results = {}
+    for split in ("test", "comp"):
+        path = Path(data_dir) / "images" / f"{split}.jsonl"
+        if path.is_file():
+            data = CaptionedImages(path, tokenizer, model.cfg, train=False)
+            results[split] = retrieval(*embed_split(model, data))
+    if not results:
+        raise StageError(f"no held-out images in {Path(data_dir) / 'images'} (expected test.jsonl or comp.jsonl)")
+    return results
