@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Sequence
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star")
@@ -35,6 +36,7 @@ PLACE_PHRASES = {
     (1, 0): "on the left", (1, 1): "in the middle", (1, 2): "on the right",
     (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
 }
+ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
 
 # relation word -> test "other is <relation> of/than target" on grid cells
@@ -96,8 +98,12 @@ def _related(objects: list[dict], target: dict, relation: str) -> list[dict]:
     return [o for o in objects if o is not target and RELATIONS[relation](o, target)]
 
 
-def scene_questions(objects: list[dict], rng: random.Random) -> list[dict]:
+def scene_questions(objects: list[dict], rng: random.Random, pairs: Sequence[tuple[str, str]] = ALL_PAIRS
+                    ) -> list[dict]:
     """Question-answer pairs about one scene: ``[{"question", "answer", "kind"}, ...]``.
+
+    `pairs` are the colour-shape pairs an existence question may name (so held-out pairs stay out of
+    training text).
 
     Objects in a scene have distinct (colour, shape) pairs and cells, so "the red circle" is always
     unambiguous; questions that would be ambiguous ("what colour is the circle?" with two circles)
@@ -128,7 +134,7 @@ def scene_questions(objects: list[dict], rng: random.Random) -> list[dict]:
     if rng.random() < 0.5:
         colour, shape = rng.choice(sorted(present))
     else:
-        colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
+        colour, shape = rng.choice(pairs)
     qa.append({"question": f"is there a {colour} {shape}?", "answer": "yes" if (colour, shape) in present else "no",
                "kind": "exist"})
     # relations: ask when the answer is a single object; "nothing" now and then so it stays rare
@@ -190,10 +196,10 @@ TEXT_QA = [
 ]
 
 
-def scene_document(objects: list[dict], rng: random.Random) -> str:
+def scene_document(objects: list[dict], rng: random.Random, pairs: Sequence[tuple[str, str]] = ALL_PAIRS) -> str:
     """A scene told in text: a caption followed by a few questions, each answered."""
     caption = rng.choice(captions(objects, rng))
-    qa = scene_questions(objects, rng)
+    qa = scene_questions(objects, rng, pairs)
     picked = rng.sample(qa, k=min(len(qa), rng.randint(2, 4)))
     return " ".join([caption, *(f"{q['question']} {q['answer']}." for q in picked)])
 
@@ -218,7 +224,8 @@ def facts_document(rng: random.Random) -> str:
     return " ".join(rng.sample(FACTS, k=rng.randint(3, 6)))
 
 
-def text_scene_question(objects: list[dict], rng: random.Random) -> dict:
+def text_scene_question(objects: list[dict], rng: random.Random, pairs: Sequence[tuple[str, str]] = ALL_PAIRS
+                        ) -> dict:
     """A scene given in words plus a question about it: a text-only reasoning exercise."""
-    qa = rng.choice(scene_questions(objects, rng))
+    qa = rng.choice(scene_questions(objects, rng, pairs))
     return {"question": f"{captions(objects, rng)[0]} {qa['question']}", "answer": qa["answer"], "kind": qa["kind"]}

@@ -2,7 +2,8 @@
 
 eSpeak NG is a formant synthesiser (Klatt-style): small, fast and the same on every machine. The
 `espeakng-loader` package ships the shared library and its data, and we call its C API through
-`ctypes` (no subprocess, no network):
+`ctypes` (no subprocess, no network), loading the library afresh for each utterance so the result
+depends only on the arguments:
 
     espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, ...)   -> the library's sample rate (22050 Hz)
     espeak_SetVoiceByName("en-us+f3")                   language + voice variant
@@ -43,61 +44,63 @@ class SpeechError(ValueError):
     """eSpeak NG could not be loaded or could not speak a text."""
 
 
-class _Espeak:
-    """The loaded library: one per process (eSpeak keeps global state, hence the lock)."""
+def _library() -> tuple[str, bytes]:
+    try:
+        import espeakng_loader
+        return str(espeakng_loader.get_library_path()), str(espeakng_loader.get_data_path()).encode()
+    except ImportError:
+        raise SpeechError("eSpeak NG is missing; pip install espeakng-loader") from None
 
-    def __init__(self) -> None:
-        try:
-            import espeakng_loader
-            self.lib = ctypes.cdll.LoadLibrary(espeakng_loader.get_library_path())
-            data_path = str(espeakng_loader.get_data_path()).encode()
-        except (ImportError, OSError) as error:
-            raise SpeechError(f"cannot load eSpeak NG from espeakng-loader ({error}); pip install espeakng-loader") from None
-        self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        self.lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                          ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        self.rate = self.lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, 0)
-        if self.rate <= 0:
-            raise SpeechError(f"espeak_Initialize failed with the data at {data_path.decode()}")
-        self.chunks: list[np.ndarray] = []
-        self.callback = _CALLBACK(self._collect)  # kept on self: ctypes must not free it
-        self.lib.espeak_SetSynthCallback(self.callback)
-        self.lock = threading.Lock()
-        import torchaudio
 
-        # the sinc kernel is computed once here instead of on every call
-        self.resampler = torchaudio.transforms.Resample(self.rate, SAMPLE_RATE)
+_LOCK = threading.Lock()  # eSpeak keeps global state: one synthesis at a time per process
+_RESAMPLERS: dict[int, object] = {}
 
-    def _collect(self, wav, n: int, events) -> int:
+
+def _speak_raw(text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, int]:
+    """int16 samples at the library's own rate, from a freshly loaded library.
+
+    eSpeak NG carries state from one utterance to the next (noise generators, pitch flutter), so the
+    same call gives slightly different audio depending on what was spoken before. Loading the
+    library afresh for every utterance (dlopen, initialise, speak, terminate, dlclose: ~15 ms) makes
+    `synthesize` a pure function of its arguments, whatever order or process it runs in.
+    """
+    import _ctypes
+
+    path, data_path = _library()
+    chunks: list[np.ndarray] = []
+
+    def collect(wav, n: int, events) -> int:
         if n > 0:
-            self.chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+            chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0  # 0 = continue
 
-    def speak(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        with self.lock:
-            if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+    callback = _CALLBACK(collect)
+    with _LOCK:
+        try:
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+        except OSError as error:
+            raise SpeechError(f"cannot load eSpeak NG from {path}: {error}") from None
+        try:
+            lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+            lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+            lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                         ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+            sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, 0)
+            if sample_rate <= 0:
+                raise SpeechError(f"espeak_Initialize failed with the data at {data_path.decode()}")
+            lib.espeak_SetSynthCallback(callback)
+            if lib.espeak_SetVoiceByName(voice.encode()) != 0:
                 raise SpeechError(f"eSpeak NG has no voice '{voice}'; try e.g. 'en-us' or 'en-us+f3'")
-            self.lib.espeak_SetParameter(_RATE, int(rate), 0)
-            self.lib.espeak_SetParameter(_PITCH, int(pitch), 0)
-            self.chunks = []
+            lib.espeak_SetParameter(_RATE, int(rate), 0)
+            lib.espeak_SetParameter(_PITCH, int(pitch), 0)
             data = text.encode()
-            self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
-            self.lib.espeak_Synchronize()
-            chunks, self.chunks = self.chunks, []
-        if not chunks:
-            return np.zeros(0, dtype=np.int16)
-        return np.concatenate(chunks)
-
-
-_engine: _Espeak | None = None
-
-
-def _get_engine() -> _Espeak:
-    global _engine
-    if _engine is None:
-        _engine = _Espeak()
-    return _engine
+            lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+            lib.espeak_Synchronize()
+            lib.espeak_Terminate()
+        finally:
+            _ctypes.dlclose(lib._handle)
+    raw = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+    return raw, sample_rate
 
 
 def trim_silence(wave: np.ndarray, threshold: float = 0.01, keep_s: float = 0.08) -> np.ndarray:
@@ -115,12 +118,15 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 165, pitch: int = 50
 
     if not text.strip():
         raise SpeechError("cannot synthesize an empty text")
-    engine = _get_engine()
-    raw = engine.speak(text, voice, rate, pitch)
+    raw, rate_in = _speak_raw(text, voice, rate, pitch)
     if len(raw) == 0:
         raise SpeechError(f"eSpeak NG produced no audio for '{text}' with voice '{voice}'")
+    if rate_in not in _RESAMPLERS:  # the sinc kernel is computed once, not on every call
+        import torchaudio
+
+        _RESAMPLERS[rate_in] = torchaudio.transforms.Resample(rate_in, SAMPLE_RATE)
     with torch.no_grad():
-        wave = engine.resampler(torch.from_numpy(raw.astype(np.float32) / 32768.0)).numpy()
+        wave = _RESAMPLERS[rate_in](torch.from_numpy(raw.astype(np.float32) / 32768.0)).numpy()
     return trim_silence(np.clip(wave, -1.0, 1.0).astype(np.float32))
 
 

@@ -124,7 +124,8 @@ def _plan_images(cfg: WorldConfig) -> dict[str, list[dict]]:
             scene = S.sample_scene(rng, comp=split == "comp")
             out[split].append({"id": f"img{number:06d}", "image": f"png/{number:06d}.png",
                                "captions": L.captions(scene["objects"], rng),
-                               "qa": L.scene_questions(scene["objects"], rng), "scene": scene})
+                               "qa": L.scene_questions(scene["objects"], rng, S.allowed_pairs(split == "comp")),
+                               "scene": scene})
     return out
 
 
@@ -184,7 +185,7 @@ def _plan_text(cfg: WorldConfig) -> dict[str, list[dict]]:
             for _ in range(rng.randint(1, 3)):
                 roll = rng.random()
                 if roll < 0.5:
-                    parts.append(L.scene_document(S.sample_scene(rng)["objects"], rng))
+                    parts.append(L.scene_document(S.sample_scene(rng)["objects"], rng, S.allowed_pairs(comp=False)))
                 elif roll < 0.7:
                     clip = S.sample_clip(rng, cfg.frames)
                     start = (rng.randrange(3), rng.randrange(3))
@@ -236,7 +237,8 @@ def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[s
                 if rng.random() < 0.4:
                     qa = rng.choice(L.TEXT_QA)
                 else:
-                    qa = L.text_scene_question(S.sample_scene(rng, comp=split == "comp")["objects"], rng)
+                    comp = split == "comp"
+                    qa = L.text_scene_question(S.sample_scene(rng, comp)["objects"], rng, S.allowed_pairs(comp))
                 messages = [{"role": "user", "content": qa["question"]}, _assistant(_sentence(qa["answer"]))]
             elif kind in ("image_qa", "speak", "caption"):
                 img = rng.choice(images[split])
