@@ -22,7 +22,6 @@ used equally often, 0.0 means one entry does all the work.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
 import torch
@@ -189,8 +188,8 @@ class ResidualVQ(nn.Module):
         """Vectors ``(n, dim)``; ``n_q`` codebooks (default all, or a random number under dropout)."""
         if n_q is None:
             n_q = len(self.layers)
-            if self.training and random.random() < self.dropout:
-                n_q = random.randint(1, len(self.layers))
+            if self.training and float(torch.rand(())) < self.dropout:
+                n_q = int(torch.randint(1, len(self.layers) + 1, ()))
         residual, total = x, torch.zeros_like(x)
         codes, commitment = [], x.new_zeros(())
         for layer in self.layers[:n_q]:

@@ -111,7 +111,7 @@ class CodecConfig:
     """The speech codec: groups of mel frames -> conv encoder -> RVQ -> conv decoder -> mel."""
 
     sample_rate: int = 16000  # waveform rate
-    n_fft: int = 1024  # STFT size of the codec/vocoder mel (Griffin-Lim inverts this)
+    n_fft: int = 400  # STFT size (25 ms, as the AuT): 201 bins, which 80 mels invert well
     hop_length: int = 160  # 10 ms hop: 100 mel frames per second
     n_mels: int = 80  # mel bins the codec reconstructs
     frames_per_code: int = 8  # mel frames per code frame: 100 / 8 = 12.5 code frames per second

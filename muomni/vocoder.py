@@ -40,13 +40,15 @@ class GriffinLimVocoder(nn.Module):
     def __init__(self, cfg: CodecConfig, n_iter: int = 32, momentum: float = 0.99):
         super().__init__()
         self.cfg, self.n_iter, self.momentum = cfg, n_iter, momentum
+        # "gelsd" (SVD) solves the least squares even when some mel filters are empty, as the
+        # lowest of 80 HTK filters over 201 bins are; it runs on the CPU.
         self.inverse_mel = torchaudio.transforms.InverseMelScale(
-            n_stft=cfg.n_fft // 2 + 1, n_mels=cfg.n_mels, sample_rate=cfg.sample_rate)
+            n_stft=cfg.n_fft // 2 + 1, n_mels=cfg.n_mels, sample_rate=cfg.sample_rate, driver="gelsd")
         self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
 
     def magnitude(self, log_mel: torch.Tensor) -> torch.Tensor:
         """Log-mel ``(batch, n_mels, frames)`` -> linear magnitude ``(batch, n_fft // 2 + 1, frames)``."""
-        return self.inverse_mel(log_mel.float().exp())
+        return self.inverse_mel.cpu()(log_mel.float().cpu().exp()).to(log_mel.device)
 
     @torch.no_grad()
     def forward(self, log_mel: torch.Tensor, seed: int | None = 0) -> torch.Tensor:
@@ -151,7 +153,7 @@ class ScaleDiscriminator(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList([
             nn.Conv1d(1, ch, 15, padding=7), nn.Conv1d(ch, 2 * ch, 41, 4, padding=20, groups=4),
-            nn.Conv1d(2 * ch, 4 * ch, 41, 4, padding=20, groups=16), nn.Conv1d(4 * ch, 4 * ch, 5, padding=2)])
+            nn.Conv1d(2 * ch, 4 * ch, 41, 4, padding=20, groups=4), nn.Conv1d(4 * ch, 4 * ch, 5, padding=2)])
         self.out = nn.Conv1d(4 * ch, 1, 3, padding=1)
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -1,0 +1,89 @@
+"""The Talker: delay pattern, KV cache, end of speech, and that it listens to its conditioning."""
+
+import torch
+import torch.nn as nn
+
+from muomni.config import CodecConfig, TalkerConfig
+from muomni.talker import Talker, delay_codes, undelay_codes
+
+COND = 24
+
+
+def small_talker(seed: int = 0) -> Talker:
+    torch.manual_seed(seed)
+    cfg = TalkerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_frames=20)
+    return Talker(cfg, CodecConfig(n_codebooks=3, codebook_size=8), COND)
+
+
+def test_delay_pattern_round_trip():
+    codes = torch.arange(12).view(3, 4)
+    delayed = delay_codes(codes, pad=-1, eos=-2)
+    assert delayed.tolist() == [[0, 1, 2, 3, -2, -1, -1],
+                                [-1, 4, 5, 6, 7, -2, -1],
+                                [-1, -1, 8, 9, 10, 11, -2]]
+    assert torch.equal(undelay_codes(delayed, 4), codes)
+
+
+def test_kv_cache_gives_the_same_logits_as_a_full_pass():
+    talker = small_talker().eval()
+    hidden, embeds = torch.randn(2, 5, COND), torch.randn(2, 5, COND)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, :2] = False  # a left-padded, shorter text
+    inputs, _ = talker.make_batch([torch.randint(0, 8, (3, 6)), torch.randint(0, 8, (3, 6))])
+    full = talker(hidden, embeds, mask, inputs)
+    cache = talker.new_cache(2, 5 + inputs.shape[2])
+    logits, pos = talker.prefill(hidden, embeds, mask, cache)
+    steps = [logits]
+    for s in range(1, inputs.shape[2]):
+        pos = pos + 1
+        steps.append(talker.step(inputs[:, :, s], pos, cache))
+    torch.testing.assert_close(torch.stack(steps, dim=2), full, atol=1e-5, rtol=1e-4)
+
+
+class FixedHead(nn.Module):
+    """A codebook-0 head with fixed logits: code 1 at 5, end-of-speech at ``eos_logit``, the rest 0."""
+
+    def __init__(self, vocab: int, eos: int, eos_logit: float):
+        super().__init__()
+        self.bias = torch.zeros(vocab)
+        self.bias[1], self.bias[eos] = 5.0, eos_logit
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(*h.shape[:-1], -1)
+
+
+def test_generation_stops_at_end_of_speech():
+    talker = small_talker().eval()
+    talker.heads[0] = FixedHead(talker.vocab, talker.eos_id, 10.0)
+    hidden, embeds = torch.randn(2, 4, COND), torch.randn(2, 4, COND)
+    out = talker.generate(hidden, embeds, temperature=0.0, min_frames=3, max_frames=20)
+    assert [tuple(c.shape) for c in out] == [(3, 3), (3, 3)]  # eos as soon as allowed, not max_frames
+    assert out[0][0].tolist() == [1, 1, 1]
+    assert int(out[0].max()) < 8  # only real codes come out
+
+
+def test_rows_that_never_stop_end_at_max_frames():
+    talker = small_talker().eval()
+    talker.heads[0] = FixedHead(talker.vocab, talker.eos_id, -100.0)  # never says end-of-speech
+    out = talker.generate(torch.ones(1, 3, COND), torch.ones(1, 3, COND), max_frames=7,
+                          generator=torch.Generator().manual_seed(0))
+    assert out[0].shape == (3, 7)
+
+
+def test_it_learns_two_utterances_and_the_conditioning_picks_which():
+    talker = small_talker(1)
+    hidden, embeds = torch.randn(2, 4, COND), torch.randn(2, 4, COND)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    codes = [torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0], [2, 2, 1, 1]]), torch.tensor([[7, 7, 0], [1, 3, 5], [6, 4, 2]])]
+    inputs, targets = talker.make_batch(codes)
+    opt = torch.optim.Adam(talker.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss, _ = talker.loss(hidden, embeds, mask, inputs, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    talker.eval()
+    out = talker.generate(hidden, embeds, mask, temperature=0.0)
+    assert torch.equal(out[0], codes[0]) and torch.equal(out[1], codes[1])
+    swapped = talker.generate(hidden.flip(0), embeds.flip(0), mask, temperature=0.0)
+    assert torch.equal(swapped[0], codes[1])  # other text, other speech
