@@ -30,6 +30,7 @@ Shapes: merged image tokens ``(n_images, mh * mw, 4 * d_vision)``; audio tokens 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from muomni.audio import AuT, LogMel, conv_output_lengths, load_audio, merge_pairs
-from muomni.codec import Codec
+from muomni.codec import LOG_FLOOR, Codec
 from muomni.checkpoint import load_checkpoint, resolve, save_checkpoint
 from muomni.config import OmniConfig, from_dict
 from muomni.projector import Projector
@@ -54,6 +55,7 @@ from muomni.vision import ViT, image_transform, load_image, merge_2x2
 MEDIA_KINDS = ("image", "audio", "video")
 TICKS_PER_SECOND = 25.0  # rotary time ticks per second for audio and video (40 ms each)
 TICKS_PER_TOKEN = 2  # a 12.5 Hz audio token lasts 80 ms = two ticks
+MAX_LOG_MEL = 8.0  # ceiling of a log-magnitude mel handed to the vocoder
 SENTENCE_END = re.compile(r"[.?!]\s*$")  # where a streamed answer is cut into spoken chunks
 
 
@@ -474,6 +476,9 @@ class OmniModel(nn.Module):
         if codes.shape[-1] == 0:
             return torch.zeros(0)
         mel = self.codec.decode(codes[None].to(self.device))  # (1, n_mels, frames)
+        # An untrained codec can decode to any value; real speech mels lie within [LOG_FLOOR, ~e^6],
+        # and exp() of anything far outside would overflow the vocoder's least-squares step.
+        mel = mel.clamp(math.log(LOG_FLOOR), MAX_LOG_MEL)
         return self.vocoder(mel)[0].float().cpu()
 
     # ------------------------------------------------------------------------------------------

@@ -1,0 +1,352 @@
+"""Stage E: multimodal supervised fine-tuning of the whole model (the "SFT" of Qwen2.5-Omni).
+
+The pieces trained alone in stages A–D are joined in one `OmniModel` and taught to answer chats:
+
+- data: the world's chat mixture (``chat/train.jsonl``: text, image, spoken and video questions,
+  captions, transcription, "say it aloud"), plus question chats built from the world's other
+  *train* manifests (every image question, every clip question, every askable spoken question
+  and a transcription of every utterance) so each skill sees enough examples;
+- loss: next-token cross-entropy on the assistant's tokens only (the mask of `encode_chat`);
+- frozen: the AuT, the ViT and the codec. Their outputs are cached per media file, so each image,
+  clip and recording is encoded once. ``--set sft_train_encoders=true`` unfreezes the AuT and ViT
+  (no cache; slower);
+- trained: both projectors and the Thinker, and the Talker on the Thinker's states of spoken answers
+  (rows with ``speak: true``; the Thinker's states are detached, so speech does not pull on text);
+- each row's media stay with that row's text: a batch is a list of rows, never a shuffle of parts.
+
+``evaluate`` answers the held-out chats greedily and scores exact answers per kind (image, spoken
+and video questions, text questions, the text of spoken answers), captions, and transcription CER.
+
+Usage: ``muomni train --stage sft --preset tiny`` then ``muomni eval --stage sft``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from muomni.audio import cer, load_audio
+from muomni.checkpoint import CheckpointError, load_checkpoint
+from muomni.config import OmniConfig, TrainConfig, from_dict
+from muomni.data.index import JsonlIndex
+from muomni.omni import Media, OmniModel, expand_sequence, media_parts, shift_targets
+from muomni.thinker import IGNORE_INDEX, linear_cross_entropy
+from muomni.tokenizer import Tokenizer
+from muomni.train.stages import StageError, resolve_configs, run_stage, stage_checkpoint
+
+STAGE = "sft"
+TALKER_WEIGHT = 0.5  # weight of the Talker's code loss next to the Thinker's text loss
+EVAL_MAX_NEW_TOKENS = 40  # longest evaluated answer (captions are the longest)
+
+TRAIN_DEFAULTS = {
+    "tiny": TrainConfig(steps=700, batch_size=32, lr=1e-3, min_lr_ratio=0.1, warmup_steps=40,
+                        weight_decay=0.01, eval_every=350, eval_batches=2, save_every=350, log_every=10),
+    "base": TrainConfig(steps=6000, batch_size=64, lr=5e-4, min_lr_ratio=0.1, warmup_steps=300,
+                        weight_decay=0.01, eval_every=500, eval_batches=8, save_every=500, log_every=20),
+}
+
+# Which pieces each earlier stage provides: (stage, OmniModel attribute, config field).
+PARTS = (("thinker", "thinker", "thinker"), ("audio", "audio", "audio"), ("vision", "vision", "vision"),
+         ("speech", "codec", "codec"), ("speech", "talker", "talker"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembling the model from the earlier stages
+
+
+def _component_config(config: dict[str, Any], field: str) -> dict[str, Any] | None:
+    """A component's config from a stage's config.json: a whole OmniConfig, or just that part."""
+    if isinstance(config.get(field), dict):
+        return config[field]
+    names = {f.name for f in dataclasses.fields(type(getattr(OmniConfig(), field)))}
+    part = {k: v for k, v in config.items() if k != "kind"}
+    return part if part and set(part) <= names else None
+
+
+def load_part(module: nn.Module, state: dict[str, torch.Tensor], what: str, source: Path) -> None:
+    """Load ``module``'s weights from a stage state dict, whatever prefix that stage gave them."""
+    wanted = list(module.state_dict())
+    probe = max(wanted, key=len)  # the longest name is the least ambiguous to look for
+    prefixes = Counter(key[: len(key) - len(probe)] for key in state
+                       if key.endswith(probe) and (len(key) == len(probe) or key[-len(probe) - 1] == "."))
+    for prefix, _ in prefixes.most_common():
+        if all(prefix + name in state for name in wanted):
+            try:
+                module.load_state_dict({name: state[prefix + name] for name in wanted})
+            except RuntimeError as error:
+                raise StageError(f"the {what} weights in {source} do not fit this config "
+                                 f"({str(error).splitlines()[1].strip()})") from None
+            return
+    raise StageError(f"{source} holds no {what} weights (looked for '{probe}')")
+
+
+def assemble(runs_dir: Path, cfg: OmniConfig) -> tuple[OmniModel, list[str]]:
+    """An `OmniModel` with the weights of stages A–D from ``runs_dir``; also notes on what was missing.
+
+    Each component takes its config from the checkpoint that trained it, so overrides given to
+    an earlier stage carry over. The thinker stage is required (it owns the tokenizer); a missing
+    audio, vision or speech stage leaves that part at its random initialisation, and says so.
+    """
+    notes: list[str] = []
+    found: dict[str, tuple[dict, dict, Path]] = {}
+    for stage in dict.fromkeys(stage for stage, _, _ in PARTS):
+        try:
+            path = stage_checkpoint(runs_dir, stage)
+        except (StageError, CheckpointError) as error:
+            if stage == "thinker":
+                raise StageError(f"stage sft needs the thinker stage (its tokenizer): {error}") from None
+            notes.append(f"stage '{stage}' not found ({error}); its part starts from random weights")
+            continue
+        state, config = load_checkpoint(path)
+        found[stage] = (state, config, path)
+    changes = {}
+    for stage, _, field in PARTS:
+        if stage in found and (part := _component_config(found[stage][1], field)) is not None:
+            changes[field] = from_dict(type(getattr(cfg, field)), part, field)
+    cfg = dataclasses.replace(cfg, **changes)
+    thinker_dir = found["thinker"][2]
+    if not (thinker_dir / "tokenizer.json").is_file():
+        raise StageError(f"{thinker_dir} has no tokenizer.json; retrain the thinker stage")
+    model = OmniModel(cfg, Tokenizer.load(thinker_dir / "tokenizer.json"))
+    for stage, attribute, _ in PARTS:
+        if stage in found:
+            load_part(getattr(model, attribute), found[stage][0], attribute, found[stage][2])
+    return model, notes
+
+
+def freeze(model: OmniModel, train_encoders: bool) -> None:
+    """Encoders and codec frozen (unless ``train_encoders``); projectors, Thinker and Talker trained."""
+    for module in (model.audio, model.vision, model.codec):
+        module.requires_grad_(False)
+    if train_encoders:
+        model.audio.requires_grad_(True)
+        model.vision.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def _chat(media: dict[str, Any] | None, question: str, answer: str) -> list[dict[str, Any]]:
+    content = ([media] if media else []) + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+
+
+def _sentence(answer: str) -> str:
+    return answer if answer.endswith((".", "?")) else answer + "."
+
+
+def extra_chats(data_dir: Path) -> list[dict[str, Any]]:
+    """Question chats built from the world's train manifests (paths relative to ``chat/``)."""
+    rows: list[dict[str, Any]] = []
+    images = Path(data_dir) / "images" / "train.jsonl"
+    speech = Path(data_dir) / "speech" / "train.jsonl"
+    video = Path(data_dir) / "video" / "train.jsonl"
+    spoken: dict[str, list[dict]] = {}
+    if speech.is_file():
+        for utt in JsonlIndex(speech):
+            part = {"type": "audio", "path": f"../speech/{utt['audio']}"}
+            rows.append({"kind": "transcribe", "messages": _chat(part, "transcribe this.", utt.get("sentence", utt["text"]))})
+            spoken.setdefault(utt.get("sentence", utt["text"]), []).append(part)
+    if images.is_file():
+        for img in JsonlIndex(images):
+            picture = {"type": "image", "path": f"../images/{img['image']}"}
+            for k, qa in enumerate(img.get("qa", [])):
+                rows.append({"kind": "image_qa", "messages": _chat(picture, qa["question"], _sentence(qa["answer"]))})
+                voices = spoken.get(qa["question"])
+                if voices:
+                    rows.append({"kind": "spoken_qa", "messages": [
+                        {"role": "user", "content": [picture, voices[k % len(voices)]]},
+                        {"role": "assistant", "content": _sentence(qa["answer"])}]})
+    if video.is_file():
+        for clip in JsonlIndex(video):
+            part = {"type": "video", "path": f"../video/{clip['video']}"}
+            rows.append({"kind": "video_qa", "messages": _chat(part, clip["question"], _sentence(clip["answer"]))})
+    return rows
+
+
+class ChatSamples(Dataset):
+    """Chats as expanded token sequences with their media (one row = one chat, media kept with it).
+
+    ``[i]`` -> ``{"ids", "targets", "positions" (3, seq), "media": [Media], "speak": (start, end,
+    codes) or None}``. With ``cache`` (frozen encoders) each media file is encoded once and
+    reused; otherwise `Media.raw` travels to the loss, where the encoders run with gradients.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], base_dir: Path, model: OmniModel, cache: bool,
+                 store: dict | None = None):
+        self.rows, self.base_dir, self.model, self.cache = rows, Path(base_dir), model, cache
+        self.store = {} if store is None else store  # shared between train and val
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _media(self, part: dict[str, Any]) -> Media:
+        key = (part["type"], str((self.base_dir / part["path"]).resolve()))
+        if self.cache and key in self.store:
+            return self.store[key]
+        item = self.model.load_media(part, self.base_dir)
+        if self.cache:
+            with torch.no_grad():
+                self.model.encode([item])
+            item.tokens, item.raw = item.tokens.cpu(), None
+            self.store[key] = item
+        return item
+
+    def _codes(self, path: str) -> torch.Tensor:
+        key = ("codes", str((self.base_dir / path).resolve()))
+        if key not in self.store:
+            wave = load_audio(self.base_dir / path, self.model.cfg.codec.sample_rate)
+            with torch.no_grad():
+                mel = self.model.codec.frontend(wave[None].to(self.model.device))
+                self.store[key] = self.model.codec.encode(mel)[0].cpu()  # (n_codebooks, code_frames)
+        return self.store[key]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        tokenizer = self.model.tokenizer_or_fail()
+        ids, mask = tokenizer.encode_chat(row["messages"])
+        media = [self._media(part) for part in media_parts(row["messages"])]
+        ids, mask, positions = expand_sequence(ids, mask, media, tokenizer)
+        speak = None
+        if row.get("speak") and row.get("answer_audio"):
+            # The spoken text is the last assistant turn's content, without its closing <|im_end|>.
+            end = max(t for t, m in enumerate(mask) if m)
+            start = end
+            while start > 0 and mask[start - 1]:
+                start -= 1
+            speak = (start, end, self._codes(row["answer_audio"]))
+        return {"ids": ids, "targets": shift_targets(ids, mask), "positions": positions,
+                "media": media, "speak": speak, "id": row.get("id", str(i))}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Right-pad a list of samples: ids with 0, targets with -100, positions with 0."""
+    longest = max(len(item["ids"]) for item in items)
+    batch = len(items)
+    ids = torch.zeros(batch, longest, dtype=torch.long)
+    targets = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros(3, batch, longest, dtype=torch.long)
+    mask = torch.zeros(batch, longest, dtype=torch.bool)
+    for row, item in enumerate(items):
+        n = len(item["ids"])
+        ids[row, :n] = torch.tensor(item["ids"])
+        targets[row, :n] = torch.tensor(item["targets"])
+        positions[:, row, :n] = item["positions"]
+        mask[row, :n] = True
+    return {"input_ids": ids, "targets": targets, "position_ids": positions, "attention_mask": mask,
+            "media": [m for item in items for m in item["media"]],
+            "speak": [item["speak"] for item in items], "ids": [item["id"] for item in items]}
+
+
+def loss_fn(model: OmniModel, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Text CE on assistant tokens + ``TALKER_WEIGHT`` x the Talker's code CE on spoken answers."""
+    media = batch["media"]
+    if any(m.tokens is None for m in media):
+        media = [dataclasses.replace(m) for m in media]  # encode copies: the dataset's items stay raw
+        model.encode(media)
+    embeds = model.embed(batch["input_ids"], model.group_media(media))
+    hidden, _ = model.thinker.hidden_states(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                            position_ids=batch["position_ids"])
+    text_loss = linear_cross_entropy(hidden, model.thinker.head.weight, batch["targets"])
+    loss = text_loss
+    metrics = {"text_loss": float(text_loss.detach()),
+               "tokens": float((batch["targets"] != IGNORE_INDEX).sum())}
+    spoken = [(row, s) for row, s in enumerate(batch["speak"]) if s is not None]
+    if spoken:
+        talker_loss = model.talker_loss(
+            [hidden[row, start:end].detach() for row, (start, end, _) in spoken],
+            [batch["input_ids"][row, start:end] for row, (start, end, _) in spoken],
+            [codes.to(hidden.device) for _, (_, _, codes) in spoken])
+        loss = loss + TALKER_WEIGHT * talker_loss
+        metrics["talker_loss"] = float(talker_loss.detach())
+    return loss, metrics
+
+
+def chat_rows(data_dir: Path, split: str) -> list[dict[str, Any]]:
+    path = Path(data_dir) / "chat" / f"{split}.jsonl"
+    if not path.is_file():
+        raise StageError(f"{path} does not exist; build the world with `muomni data world --out {data_dir}`")
+    return list(JsonlIndex(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Train and evaluate
+
+
+def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], resume: bool) -> Path:
+    """Fine-tune the assembled model on the world's chats into ``runs_dir/sft``."""
+    cfg, train_cfg = resolve_configs(preset, TRAIN_DEFAULTS, overrides)
+    torch.manual_seed(train_cfg.seed)
+    model, notes = assemble(Path(runs_dir), cfg)
+    for note in notes:
+        print(f"sft: {note}")
+    freeze(model, model.cfg.sft_train_encoders)
+    chat_dir = Path(data_dir) / "chat"
+    store: dict = {}
+    cache = not model.cfg.sft_train_encoders
+    train_rows = chat_rows(data_dir, "train") + extra_chats(data_dir)
+    train_data = ChatSamples(train_rows, chat_dir, model, cache, store)
+    val_data = ChatSamples(chat_rows(data_dir, "val"), chat_dir, model, cache, store) \
+        if (chat_dir / "val.jsonl").is_file() else None
+    return run_stage(STAGE, Path(runs_dir), model, model.cfg, train_cfg, train_data, collate, loss_fn,
+                     val_data=val_data, tokenizer=model.tokenizer, resume=resume, preset=preset)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, words only: 'Red.' and 'red' are the same answer."""
+    return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
+
+
+def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, float]:
+    """Accuracy per question kind, caption exact match, transcription CER, and counts."""
+    right: Counter = Counter()
+    total: Counter = Counter()
+    references, hypotheses = [], []
+    for row, answer in zip(rows, answers):
+        reference = row["messages"][-1]["content"]
+        kind = row["kind"]
+        if kind == "video_qa" and len(normalize_answer(reference).split()) > 2:
+            kind = "video_caption"  # "describe the video" rows: a sentence, not a one-word answer
+        if kind == "transcribe":
+            references.append(normalize_answer(reference))
+            hypotheses.append(normalize_answer(answer))
+            continue
+        total[kind] += 1
+        right[kind] += normalize_answer(answer) == normalize_answer(reference)
+    metrics = {f"{kind}_acc": right[kind] / total[kind] for kind in sorted(total)}
+    metrics.update({f"n_{kind}": float(total[kind]) for kind in sorted(total)})
+    if references:
+        metrics["transcribe_cer"] = cer(references, hypotheses)
+        metrics["n_transcribe"] = float(len(references))
+    return metrics
+
+
+def evaluate_model(model: OmniModel, data_dir: Path, splits: tuple[str, ...] = ("test", "comp"),
+                   limit: int | None = None) -> dict[str, dict[str, float]]:
+    """Answer every held-out chat of ``splits`` (the last assistant turn removed) and `score` them."""
+    results = {}
+    chat_dir = Path(data_dir) / "chat"
+    for split in splits:
+        if not (chat_dir / f"{split}.jsonl").is_file():
+            continue
+        rows = chat_rows(data_dir, split)[:limit]
+        answers = model.answer_batch([row["messages"][:-1] for row in rows], EVAL_MAX_NEW_TOKENS, chat_dir)
+        results[split] = score(rows, answers)
+    return results
+
+
+def evaluate(runs_dir: Path, data_dir: Path) -> dict:
+    """QA accuracy per modality on the ``test`` and ``comp`` chats of the trained ``runs_dir/sft``."""
+    try:
+        model = OmniModel.load(stage_checkpoint(Path(runs_dir), STAGE))
+    except CheckpointError as error:
+        raise StageError(f"cannot evaluate stage sft: {error}") from None
+    return evaluate_model(model, Path(data_dir))
