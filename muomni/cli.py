@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--image-size", type=int, default=None, help="image side in pixels")
     world.add_argument("--force", action="store_true", help="rebuild even if the world is complete")
     world.add_argument("--workers", type=int, default=2, help="processes that render media")
+    real = data_sub.add_parser("real", help="download a real dataset and convert it to world-style manifests")
+    real.add_argument("name", choices=["tinystories", "librispeech", "ljspeech", "coco", "flickr8k"])
+    real.add_argument("--out", default=None, help="manifest directory (default: data/<name>)")
+    real.add_argument("--root", default=None, help="where the raw files go (default: <out>/raw)")
+    real.add_argument("--no-download", action="store_true", help="only convert files already in --root")
+    real.add_argument("--max-gb", type=float, default=4.99, help="size cap per download, under 5 GB")
 
     train = sub.add_parser("train", help="train one stage")
     train.add_argument("--stage", required=True, help="thinker, audio, vision, speech, vocoder or sft")

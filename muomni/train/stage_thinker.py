@@ -9,7 +9,7 @@ needed. Documents in one row may attend to each other across ``<|eos|>``; the mo
 ``<|eos|>`` starts something new.
 
 Data: ``<data>/text/{train,val,test}.jsonl`` (``{"text": ...}`` per line), plus TinyStories converted
-to the same format in ``<data>/../tinystories/`` when it is there. Evaluation reports held-out
+to the same format in ``<data>/../tinystories/text/`` when it is there. Evaluation reports held-out
 perplexity next to a unigram model on the same tokenizer: the gap is what context buys.
 
 Batches: ``input_ids`` and ``targets``, both ``(batch, seq_len)``.
@@ -48,7 +48,7 @@ TOKENIZER_DOCS = 200_000  # the tokenizer learns its merges from at most this ma
 
 def text_files(data_dir: Path, split: str) -> list[Path]:
     """The text manifests of ``split``: the world's, and TinyStories' when it is present."""
-    files = [path for path in (data_dir / "text" / f"{split}.jsonl", data_dir.parent / "tinystories" / f"{split}.jsonl")
+    files = [path for path in (data_dir / "text" / f"{split}.jsonl", data_dir.parent / "tinystories" / "text" / f"{split}.jsonl")
              if path.is_file()]
     if not files:
         raise FileNotFoundError(f"no text corpus: {data_dir / 'text' / f'{split}.jsonl'} does not exist; "
