@@ -188,3 +188,22 @@ def test_unknown_set_key_fails_naming_the_key():
         resolve_configs("tiny", defaults, ["steps=3"])
     with pytest.raises(ConfigError, match="no training defaults for preset 'base'"):
         resolve_configs("base", defaults, [])
+
+
+def test_memory_plan_counts_the_thinker_exactly_and_checkpointing_saves_memory():
+    from muomni.config import preset
+    from muomni.thinker import Thinker
+    from muomni.train.memory_plan import _thinker, stack_activations
+
+    cfg = preset("base")
+    with torch.device("meta"):
+        assert _thinker(cfg, 1).params == Thinker(cfg.thinker).num_parameters()
+    full, ckpt = (stack_activations(cfg.thinker, 1000, flag) for flag in (False, True))
+    assert 0 < ckpt < full
+
+
+def test_eval_table_flattens_nested_metrics():
+    from muomni.eval import markdown_table
+
+    table = markdown_table({"thinker": {"test": {"perplexity": 3.14159, "by": {"kind": 2}}}})
+    assert "| thinker | test | perplexity | 3.142 |" in table and "| thinker | test | by.kind | 2 |" in table
