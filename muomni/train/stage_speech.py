@@ -1,0 +1,318 @@
+"""Stage D: learn to speak. First the codec, then the Talker on the frozen Thinker.
+
+1. Codec (``runs/<preset>/speech/codec/``): random crops of the training utterances' log-mels,
+   reconstruction + commitment loss (`muomni.codec.Codec.loss`).
+2. Talker (``runs/<preset>/speech/talker/``): every training utterance becomes codec codes (the
+   codec frozen) and Thinker conditioning: the sentence as an assistant turn of the chat template,
+   run through the frozen Thinker (stage A); the hidden states and token embeddings of the
+   answer's tokens are the prefix the Talker speaks from, the same
+   states it gets from the Thinker's answers later (`speech_condition`). Loss: code cross-entropy.
+
+Evaluation on held-out sentences (``test``: training voices, new sentences; ``comp``: held-out
+voices): the character error rate (CER) of the stage-B AuT on the original eSpeak audio, on the
+original mels through Griffin-Lim (what the vocoder loses), on codec-reconstructed mels through
+Griffin-Lim (what the codec adds), and on the Talker's own speech from the text alone (round trip).
+Plus per-codebook utilisation and the real-time factor of synthesis (seconds of compute per second
+of audio: Talker + codec decoder + vocoder).
+
+Usage: ``muomni train --stage speech --preset tiny [--set codec_train.steps=400]`` then
+``muomni eval --stage speech``. ``train.X`` sets the Talker's optimisation, ``codec_train.X`` the codec's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from muomni.audio import AuT, LogMel, cer, load_audio, transcribe
+from muomni.checkpoint import load_checkpoint
+from muomni.codec import Codec, MelFrontend, utilisation
+from muomni.config import (AudioConfig, ConfigError, OmniConfig, TrainConfig, apply_overrides, from_dict,
+                           to_dict)
+from muomni.data.collate import pad
+from muomni.data.index import JsonlIndex
+from muomni.talker import Talker
+from muomni.thinker import Thinker
+from muomni.tokenizer import Tokenizer
+from muomni.train.stage_thinker import load_thinker
+from muomni.train.stages import is_finished, resolve_configs, run_stage, stage_checkpoint
+from muomni.vocoder import GriffinLimVocoder
+
+STAGE = "speech"
+CROP_FRAMES = 96  # codec training crops: 0.96 s, 12 code frames
+EVAL_LIMIT = 100  # held-out utterances per split in `evaluate`
+SAMPLING = {"temperature": 0.7, "top_k": 20}  # Talker sampling used by `evaluate` and `synthesize`
+
+# The Talker's optimisation (``train.X``).
+TRAIN_DEFAULTS = {
+    "tiny": TrainConfig(steps=600, batch_size=32, lr=2e-3, warmup_steps=40, weight_decay=0.05,
+                        eval_every=200, eval_batches=2, save_every=200, log_every=20),
+    "base": TrainConfig(steps=8000, batch_size=64, lr=1e-3, warmup_steps=300, weight_decay=0.05,
+                        eval_every=500, eval_batches=4, save_every=500, log_every=50),
+}
+# The codec's optimisation (``codec_train.X``).
+CODEC_TRAIN_DEFAULTS = {
+    "tiny": TrainConfig(steps=800, batch_size=16, lr=2e-3, warmup_steps=30, weight_decay=0.0,
+                        eval_every=200, eval_batches=4, save_every=200, log_every=20),
+    "base": TrainConfig(steps=10000, batch_size=32, lr=1e-3, warmup_steps=300, weight_decay=0.0,
+                        eval_every=1000, eval_batches=8, save_every=1000, log_every=50),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def load_utterances(data_dir: Path, split: str, frontend: MelFrontend, limit: int | None = None,
+                    keep_wave: bool = False) -> list[dict[str, Any]]:
+    """``speech/<split>.jsonl`` as dicts with ``mel`` ``(n_mels, frames)``, ``text``, ``sentence``
+    (and ``wave`` ``(samples,)`` if asked)."""
+    manifest = Path(data_dir) / "speech" / f"{split}.jsonl"
+    index = JsonlIndex(manifest, required=("audio", "text"))
+    out = []
+    for i in range(len(index) if limit is None else min(limit, len(index))):
+        record = index[i]
+        wave = load_audio(manifest.parent / record["audio"])
+        item = {"mel": frontend(wave[None])[0], "text": record["text"],
+                "sentence": record.get("sentence", record["text"])}
+        if keep_wave:
+            item["wave"] = wave
+        out.append(item)
+    return out
+
+
+class MelCrops(Dataset):
+    """Log-mels cut to ``crop`` frames: random crops for training, the first ``crop`` for validation."""
+
+    def __init__(self, mels: list[torch.Tensor], crop: int, train: bool):
+        self.mels, self.crop, self.train = mels, crop, train
+
+    def __len__(self) -> int:
+        return len(self.mels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        mel = self.mels[i]
+        start = int(torch.randint(0, mel.shape[1] - self.crop + 1, ())) if self.train and mel.shape[1] > self.crop else 0
+        return {"mel": mel[:, start : start + self.crop]}
+
+
+def collate_mels(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Pad crops with silence to the longest: ``mel`` ``(batch, n_mels, frames)``, ``frames`` ``(batch,)``."""
+    frames = torch.tensor([it["mel"].shape[1] for it in items])
+    width = int(frames.max())
+    mels = torch.stack([torch.nn.functional.pad(it["mel"], (0, width - it["mel"].shape[1]), value=-11.5129)
+                        for it in items])
+    return {"mel": mels, "frames": frames}
+
+
+@torch.no_grad()
+def speech_condition(thinker: Thinker, tokenizer: Tokenizer, sentences: list[str],
+                     batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sentence, the frozen Thinker's (hidden states, token embeddings), each ``(tokens, d_model)``,
+    over the content tokens of ``<|im_start|>assistant\\n{sentence}<|im_end|>``: the states the Thinker
+    has at each token of an answer it writes (`muomni.omni.OmniModel.speak_tokens` reads the same)."""
+    device = next(thinker.parameters()).device
+    out = []
+    for start in range(0, len(sentences), batch_size):
+        encoded = [tokenizer.encode_chat([{"role": "assistant", "content": s}])
+                   for s in sentences[start : start + batch_size]]
+        ids, mask = pad([torch.tensor(e[0]) for e in encoded], tokenizer.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = thinker(input_ids=ids, attention_mask=mask).hidden
+        embeds = thinker.embed(ids)
+        for row, (_, keep) in enumerate(encoded):
+            keep = keep[:-1] + [False]  # content tokens only: generation stops before feeding <|im_end|> back
+            sel = torch.tensor(keep + [False] * (ids.shape[1] - len(keep)), device=device)
+            out.append((hidden[row, sel].float().cpu(), embeds[row, sel].float().cpu()))
+    return out
+
+
+class SpokenTexts(Dataset):
+    """(Thinker conditioning, codec codes) pairs: ``hidden``/``embeds`` ``(tokens, d)``, ``codes`` ``(n_q, frames)``."""
+
+    def __init__(self, conds: list[tuple[torch.Tensor, torch.Tensor]], codes: list[torch.Tensor]):
+        self.conds, self.codes = conds, codes
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"hidden": self.conds[i][0], "embeds": self.conds[i][1], "codes": self.codes[i]}
+
+
+def talker_collate(talker: Talker):
+    """Collate for `SpokenTexts`: left-padded conditioning, delayed code inputs and targets."""
+
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        hidden, cond_mask = pad([it["hidden"] for it in items], 0.0, side="left")
+        embeds, _ = pad([it["embeds"] for it in items], 0.0, side="left")
+        inputs, targets = talker.make_batch([it["codes"] for it in items])
+        return {"hidden": hidden, "embeds": embeds, "cond_mask": cond_mask, "inputs": inputs, "targets": targets}
+
+    return collate
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading trained parts
+
+
+def _omni_config(config: dict) -> OmniConfig:
+    config = dict(config)
+    config.pop("kind", None)
+    return from_dict(OmniConfig, config)
+
+
+def load_codec(checkpoint_dir: Path) -> Codec:
+    """The codec from its checkpoint directory (``runs/<preset>/speech/codec/best``)."""
+    weights, config = load_checkpoint(checkpoint_dir)
+    codec = Codec(_omni_config(config).codec)
+    codec.load_state_dict(weights)
+    return codec.eval()
+
+
+def load_talker(checkpoint_dir: Path) -> Talker:
+    """The Talker from its checkpoint directory (``runs/<preset>/speech/talker/best``)."""
+    weights, config = load_checkpoint(checkpoint_dir)
+    omni = _omni_config(config)
+    talker = Talker(omni.talker, omni.codec, omni.thinker.d_model)
+    talker.load_state_dict(weights)
+    return talker.eval()
+
+
+def load_speech(runs_dir: Path) -> tuple[Talker, Codec]:
+    """The trained Talker and codec of ``runs_dir`` (stage D must have run)."""
+    return (load_talker(stage_checkpoint(runs_dir, f"{STAGE}/talker")),
+            load_codec(stage_checkpoint(runs_dir, f"{STAGE}/codec")))
+
+
+def load_aut(checkpoint_dir: Path) -> tuple[AuT, LogMel]:
+    """The stage-B AuT (with its CTC head) and its log-mel frontend."""
+    weights, config = load_checkpoint(checkpoint_dir)
+    known = {f.name for f in dataclasses.fields(AudioConfig)}
+    cfg = from_dict(AudioConfig, {k: v for k, v in config.items() if k in known})
+    model = AuT(cfg)
+    model.load_state_dict(weights)
+    return model.eval(), LogMel(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Train
+
+
+def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    codec_items = [o.strip()[len("codec_train."):] for o in overrides if o.strip().startswith("codec_train.")]
+    return [o for o in overrides if not o.strip().startswith("codec_train.")], codec_items
+
+
+def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], resume: bool) -> Path:
+    """Train the codec, then the Talker, into ``runs_dir/speech/{codec,talker}/``."""
+    rest, codec_items = _split_overrides(overrides)
+    omni, talker_train = resolve_configs(preset, TRAIN_DEFAULTS, rest)
+    if preset not in CODEC_TRAIN_DEFAULTS:
+        raise ConfigError(f"no codec training defaults for preset '{preset}'")
+    codec_train = apply_overrides(CODEC_TRAIN_DEFAULTS[preset], codec_items)
+    runs_dir, stage_dir = Path(runs_dir), Path(runs_dir) / STAGE
+    thinker, tokenizer = load_thinker(stage_checkpoint(runs_dir, "thinker"))  # fails early if stage A is missing
+    if thinker.cfg.d_model != omni.thinker.d_model:
+        omni = dataclasses.replace(omni, thinker=thinker.cfg)
+
+    started = time.time()
+    frontend = MelFrontend(omni.codec)
+    train_utts = load_utterances(data_dir, "train", frontend)
+    val_utts = load_utterances(data_dir, "val", frontend)
+
+    # 1. the codec
+    if not (resume and is_finished(stage_dir, "codec")):
+        torch.manual_seed(codec_train.seed)
+        run_stage(f"{STAGE}/codec", runs_dir, Codec(omni.codec), omni, codec_train,
+                  MelCrops([u["mel"] for u in train_utts], CROP_FRAMES, train=True), collate_mels,
+                  lambda model, batch: model.loss(batch["mel"], batch["frames"]),
+                  val_data=MelCrops([u["mel"] for u in val_utts], CROP_FRAMES, train=False),
+                  resume=resume, preset=preset)
+    codec = load_codec(stage_checkpoint(runs_dir, f"{STAGE}/codec"))
+
+    # 2. the Talker on (Thinker conditioning, codes)
+    def spoken(utts: list[dict]) -> SpokenTexts:
+        codes = [codec.encode(u["mel"][None])[0] for u in utts]
+        return SpokenTexts(speech_condition(thinker, tokenizer, [u["sentence"] for u in utts]), codes)
+
+    torch.manual_seed(talker_train.seed)
+    talker = Talker(omni.talker, omni.codec, omni.thinker.d_model)
+    run_stage(f"{STAGE}/talker", runs_dir, talker, omni, talker_train, spoken(train_utts), talker_collate(talker),
+              lambda model, batch: model.loss(batch["hidden"], batch["embeds"], batch["cond_mask"],
+                                              batch["inputs"], batch["targets"]),
+              val_data=spoken(val_utts), resume=resume, preset=preset)
+
+    summary = {"stage": STAGE, "preset": preset, "model": to_dict(omni), "train": to_dict(talker_train),
+               "codec_train": to_dict(codec_train), "seconds": round(time.time() - started, 1), "finished": True}
+    (stage_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return stage_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthesis and evaluation
+
+
+@torch.no_grad()
+def synthesize(talker: Talker, codec: Codec, vocoder: torch.nn.Module,
+               conds: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0, batch_size: int = 16,
+               **sampling: Any) -> list[torch.Tensor]:
+    """Thinker conditioning per sentence -> waveforms ``(samples,)``: Talker -> codec decoder -> vocoder."""
+    generator = torch.Generator().manual_seed(seed)
+    waves = []
+    for start in range(0, len(conds), batch_size):
+        chunk = conds[start : start + batch_size]
+        hidden, mask = pad([c[0] for c in chunk], 0.0, side="left")
+        embeds, _ = pad([c[1] for c in chunk], 0.0, side="left")
+        for codes in talker.generate(hidden, embeds, mask, generator=generator, **(sampling or SAMPLING)):
+            if codes.shape[1] == 0:
+                waves.append(torch.zeros(codec.cfg.frames_per_code * codec.cfg.hop_length))
+                continue
+            waves.append(vocoder(codec.decode(codes[None]), seed=seed)[0])
+    return waves
+
+
+@torch.no_grad()
+def evaluate(runs_dir: Path, data_dir: Path) -> dict[str, Any]:
+    """Round-trip CER and its baselines, codebook utilisation, real-time factor; per held-out split."""
+    runs_dir = Path(runs_dir)
+    talker, codec = load_speech(runs_dir)
+    thinker, tokenizer = load_thinker(stage_checkpoint(runs_dir, "thinker"))
+    aut, aut_frontend = load_aut(stage_checkpoint(runs_dir, "audio"))
+    vocoder = GriffinLimVocoder(codec.cfg)
+    results: dict[str, Any] = {}
+    for split in ("test", "comp"):
+        utts = load_utterances(data_dir, split, codec.frontend, EVAL_LIMIT, keep_wave=True)
+        refs = [u["text"] for u in utts]
+
+        def judge(waves: list[torch.Tensor]) -> float:
+            return cer(refs, transcribe(aut, aut_frontend, waves))
+
+        codes = [codec.encode(u["mel"][None]) for u in utts]
+        gl_original = [vocoder(u["mel"][None])[0] for u in utts]
+        gl_codec = [vocoder(codec.decode(c))[0] for c in codes]
+        conds = speech_condition(thinker, tokenizer, [u["sentence"] for u in utts])
+        start = time.perf_counter()
+        spoken = synthesize(talker, codec, vocoder, conds)
+        seconds = time.perf_counter() - start
+        audio_seconds = sum(w.numel() for w in spoken) / codec.cfg.sample_rate
+        all_codes = torch.cat([c[0] for c in codes], dim=1)  # (n_q, frames)
+        results[split] = {
+            "utterances": len(utts),
+            "cer_original": judge([u["wave"] for u in utts]),
+            "cer_griffin_lim": judge(gl_original),
+            "cer_codec": judge(gl_codec),
+            "cer_round_trip": judge(spoken),
+            "codebook_utilisation": [round(utilisation(all_codes[q], codec.cfg.codebook_size), 4)
+                                     for q in range(all_codes.shape[0])],
+            "real_time_factor": seconds / max(audio_seconds, 1e-9),
+            "spoken_seconds_per_utterance": audio_seconds / len(utts),
+            "original_seconds_per_utterance": sum(u["wave"].numel() for u in utts) / codec.cfg.sample_rate / len(utts),
+        }
+    return results
