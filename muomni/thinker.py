@@ -258,16 +258,22 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 # ----------------------------------------------------------------------------------------------
 # Fused, chunked vocabulary head + cross-entropy
 
+# Logits are formed for at most this many bytes at a time. Below glibc's largest mmap threshold
+# (32 MiB), a freed buffer is reused instead of being handed back to the OS and faulted in again
+# page by page, which on a CPU costs more than the arithmetic on it.
+CHUNK_BYTES = 32 * 2**20 - 2**20
+
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int = 1024) -> torch.Tensor:
+                         chunk_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ignoring ``-100``.
 
     hidden ``(..., d_model)``, weight ``(vocab, d_model)``, targets ``(...)``. Equal to
-    ``F.cross_entropy(F.linear(hidden, weight).flatten(0, -2), targets.flatten())`` but the logits
-    of at most ``chunk_size`` tokens exist at a time. When gradients are needed they are computed
-    in the same pass (softmax minus one-hot, already in hand) and kept for the backward pass, so
-    the head costs three matmuls and no stored ``(tokens, vocab)`` tensor.
+    ``F.cross_entropy(F.linear(hidden, weight).flatten(0, -2), targets.flatten())`` but only the
+    logits of ``chunk_size`` tokens exist at a time (default: as many as fit in `CHUNK_BYTES`).
+    When gradients are needed they are computed in the same pass - softmax minus one-hot is
+    already in hand - and kept for the backward pass, so the head costs three matmuls and never
+    stores a ``(tokens, vocab)`` tensor.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
@@ -276,6 +282,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         hidden, targets = hidden[keep], targets[keep]  # ignored tokens cost nothing
     if targets.numel() == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # no target: zero loss that still backpropagates
+    chunk_size = chunk_size or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -294,35 +301,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
         device_type = hidden.device.type
         # Under autocast, do the matmuls in the autocast dtype and the softmax in float32.
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        n = targets.numel()
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, vocab = targets.numel(), weight.shape[0]
         with torch.autocast(device_type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
-            grad_hidden = torch.empty_like(hidden) if need_hidden else None
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(h) if need_hidden else None
+            grad_weight = torch.empty(w.shape, dtype=torch.float32, device=w.device) if need_weight else None
+            losses = torch.empty(n, dtype=torch.float32, device=h.device)
+            buffer = torch.empty(min(chunk_size, n), vocab, dtype=torch.float32, device=h.device)
             for start in range(0, n, chunk_size):
-                h_chunk, t_chunk = h[start:start + chunk_size], targets[start:start + chunk_size]
-                logits = (h_chunk @ w.t()).float()  # (chunk, vocab)
-                lse = logits.logsumexp(dim=-1, keepdim=True)
-                rows = torch.arange(len(t_chunk), device=logits.device)
-                total += (lse.squeeze(1) - logits[rows, t_chunk]).sum()
-                # d(loss)/d(logits) = (softmax - onehot) / n, built in place over the logits buffer.
-                grad = logits.sub_(lse).exp_()
-                grad[rows, t_chunk] -= 1.0
-                grad = grad.mul_(1.0 / n).to(dtype)
+                stop = min(start + chunk_size, n)
+                h_chunk, rows, cols = h[start:stop], torch.arange(stop - start, device=h.device), targets[start:stop]
+                logits = _matmul(h_chunk, w.t(), buffer[: stop - start])  # (chunk, vocab)
+                log_probs = torch.log_softmax(logits, dim=-1, out=logits)  # in place: no new buffer
+                losses[start:stop] = -log_probs[rows, cols]
+                # d(sum of losses)/d(logits) = softmax - one-hot; the 1/n comes in backward.
+                grad = log_probs.exp_()
+                grad[rows, cols] -= 1.0
+                grad = grad.to(dtype)
                 if need_hidden:
-                    grad_hidden[start:start + chunk_size] = grad @ w
-                if need_weight and dtype == torch.float32:
-                    grad_weight.addmm_(grad.t(), h_chunk)
-                elif need_weight:
-                    grad_weight += (grad.t() @ h_chunk).float()
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if need_weight else None)
-        return total / n
+                    _matmul(grad, w, grad_hidden[start:stop])
+                if need_weight:
+                    _matmul(grad.t(), h_chunk, grad_weight, accumulate=start > 0)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.n, ctx.dtypes = n, (hidden.dtype, weight.dtype)
+        return losses.sum() / n
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_output if grad_hidden is not None else None
-        grad_weight = grad_weight * grad_output if grad_weight is not None else None
+        scale = grad_output / ctx.n
+        grad_hidden = (grad_hidden * scale).to(ctx.dtypes[0]) if grad_hidden is not None else None
+        grad_weight = (grad_weight * scale).to(ctx.dtypes[1]) if grad_weight is not None else None
         return grad_hidden, grad_weight, None, None
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """``out = a @ b`` (or ``out += a @ b``) written into ``out``, whose dtype may be wider."""
+    if out.dtype == a.dtype:
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    return out.add_(a @ b) if accumulate else out.copy_(a @ b)
