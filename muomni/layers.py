@@ -113,6 +113,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.padded = False  # whether any recorded position is padding (checked once, not per layer)
         self.max_len = max_len
         self.length = 0
 
@@ -122,6 +123,7 @@ class KVCache:
             raise ValueError(f"KV cache full: {self.length} + {new_tokens} tokens > max_len {self.max_len}")
         if attention_mask is not None:
             self.mask[:, self.length : self.length + new_tokens] = attention_mask.bool()
+            self.padded = self.padded or not bool(attention_mask.all())
 
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
@@ -183,8 +185,7 @@ class Attention(nn.Module):
             cache.k[layer][:, :, cache.length:end] = k
             cache.v[layer][:, :, cache.length:end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-            padded = not bool(cache.mask[:, :end].all())
-            key_padding_mask = cache.mask[:, :end] if padded else None
+            key_padding_mask = cache.mask[:, :end] if cache.padded else None
         kv_len = k.shape[2]
         mask = None
         if key_padding_mask is not None or (self.causal and seq > 1 and seq != kv_len):
