@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from muomni.checkpoint import save_checkpoint
 from muomni.config import TrainConfig, to_dict
@@ -136,7 +136,11 @@ class Trainer:
             if hasattr(module, "grad_checkpointing"):
                 module.grad_checkpointing = cfg.grad_checkpointing
         if cfg.compile:
-            model.compile()
+            # Compile block by block: stage losses call methods other than forward (Thinker.loss), and
+            # every one of them runs through the blocks.
+            for module in model.modules():
+                if isinstance(module, Block):
+                    module.compile()
         # The loss module is what the optimiser steps through; `wrapped` adds DDP/FSDP when distributed.
         self.loss_module = _LossModule(model, loss_fn)
         if self.world > 1 and cfg.fsdp:
