@@ -43,6 +43,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,12 +342,23 @@ def detect_video_format(image_size: int) -> str:
         return "gif"
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker start-up: quit when the building process dies (a killed build leaves no orphans)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _render_all(jobs: list[tuple], workers: int) -> list[float | None]:
     if workers <= 1:
         return [_render_job(job) for job in jobs]
-    # interleave kinds so both workers get a similar mix; fork keeps start-up cheap on Linux
+    # fork keeps start-up cheap on Linux; elsewhere spawn
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
+    with multiprocessing.get_context(method).Pool(workers, _exit_with_parent, (os.getpid(),)) as pool:
         return list(pool.imap(_render_job, jobs, chunksize=32))
 
 
