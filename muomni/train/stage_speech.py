@@ -30,16 +30,17 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from muomni.audio import AuT, LogMel, cer, load_audio, transcribe
+from muomni.audio import LogMel, cer, load_audio, transcribe
 from muomni.checkpoint import load_checkpoint
 from muomni.codec import Codec, MelFrontend, utilisation
-from muomni.config import (AudioConfig, ConfigError, OmniConfig, TrainConfig, apply_overrides, from_dict,
+from muomni.config import (ConfigError, OmniConfig, TrainConfig, apply_overrides, from_dict,
                            to_dict)
 from muomni.data.collate import pad
 from muomni.data.index import JsonlIndex
 from muomni.talker import Talker
 from muomni.thinker import Thinker
 from muomni.tokenizer import Tokenizer
+from muomni.train.stage_audio import load_aut
 from muomni.train.stage_thinker import load_thinker
 from muomni.train.stages import is_finished, resolve_configs, run_stage, stage_checkpoint
 from muomni.vocoder import GriffinLimVocoder
@@ -191,16 +192,6 @@ def load_speech(runs_dir: Path) -> tuple[Talker, Codec]:
             load_codec(stage_checkpoint(runs_dir, f"{STAGE}/codec")))
 
 
-def load_aut(checkpoint_dir: Path) -> tuple[AuT, LogMel]:
-    """The stage-B AuT (with its CTC head) and its log-mel frontend."""
-    weights, config = load_checkpoint(checkpoint_dir)
-    known = {f.name for f in dataclasses.fields(AudioConfig)}
-    cfg = from_dict(AudioConfig, {k: v for k, v in config.items() if k in known})
-    model = AuT(cfg)
-    model.load_state_dict(weights)
-    return model.eval(), LogMel(cfg)
-
-
 # ----------------------------------------------------------------------------------------------
 # Train
 
@@ -284,7 +275,8 @@ def evaluate(runs_dir: Path, data_dir: Path) -> dict[str, Any]:
     runs_dir = Path(runs_dir)
     talker, codec = load_speech(runs_dir)
     thinker, tokenizer = load_thinker(stage_checkpoint(runs_dir, "thinker"))
-    aut, aut_frontend = load_aut(stage_checkpoint(runs_dir, "audio"))
+    aut = load_aut(stage_checkpoint(runs_dir, "audio"))
+    aut_frontend = LogMel(aut.cfg)
     vocoder = GriffinLimVocoder(codec.cfg)
     results: dict[str, Any] = {}
     for split in ("test", "comp"):

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from muomni.audio import cer, load_audio, transcribe
+from muomni.audio import LogMel, cer, load_audio, transcribe
 from muomni.checkpoint import load_checkpoint
 from muomni.codec import MelFrontend
 from muomni.config import TrainConfig
 from muomni.data.index import JsonlIndex
-from muomni.train.stage_speech import _omni_config, load_aut, load_utterances
+from muomni.train.stage_audio import load_aut
+from muomni.train.stage_speech import _omni_config, load_utterances
 from muomni.train.stages import StageError, resolve_configs, run_stage, stage_checkpoint
 from muomni.vocoder import GriffinLimVocoder, HiFiGAN, VocoderGAN
 
@@ -99,7 +100,8 @@ def evaluate(runs_dir: Path, data_dir: Path) -> dict[str, Any]:
     cfg = generator.cfg
     frontend, griffin_lim = MelFrontend(cfg), GriffinLimVocoder(cfg)
     try:
-        aut, aut_frontend = load_aut(stage_checkpoint(runs_dir, "audio"))
+        aut = load_aut(stage_checkpoint(runs_dir, "audio"))
+        aut_frontend = LogMel(aut.cfg)
     except StageError:
         aut = None
     results: dict[str, Any] = {}
