@@ -1,0 +1,59 @@
+"""End to end: a very small world, every stage for a few steps, evaluation, and the whole model talking."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from muomni.data.world import build_world, preset_config
+from muomni.omni import OmniModel
+from muomni.train.stages import is_finished, stage_module
+
+STAGES = ("thinker", "audio", "vision", "speech", "sft")
+# Small models and a handful of steps: this checks the plumbing, not the learning.
+OVERRIDES = [
+    "train.steps=3", "train.batch_size=4", "train.eval_every=0", "train.save_every=3", "train.log_every=1",
+    "train.seq_len=64", "train.warmup_steps=1",
+    "thinker.d_model=64", "thinker.n_layers=1", "thinker.d_ff=128", "thinker.mrope_section=[4,2,2]",
+    "audio.d_model=32", "audio.n_layers=1", "audio.n_heads=2", "audio.n_kv_heads=2", "audio.d_ff=64",
+    "audio.conv_channels=32",
+    "vision.d_model=32", "vision.n_layers=1", "vision.n_heads=2", "vision.n_kv_heads=2", "vision.d_ff=64",
+    "vision.embed_dim=32", "vision.text_layers=1",
+    "codec.hidden=32", "codec.codebook_size=16", "codec.codebook_dim=8",
+    "talker.d_model=32", "talker.n_layers=1", "talker.n_heads=2", "talker.n_kv_heads=2", "talker.d_ff=64",
+    "projector_hidden=64",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("integration")
+    data, runs = root / "world", root / "runs"
+    cfg = preset_config("tiny", scenes=40, utterances=60, clips=20, stories=60, chats=80)
+    build_world(cfg, data, log=lambda message: None)
+    for stage in STAGES:
+        stage_module(stage).train("tiny", data, runs, OVERRIDES, False)
+    return data, runs
+
+
+@pytest.mark.slow
+def test_every_stage_trains_and_evaluates(trained):
+    data, runs = trained
+    for stage in STAGES:
+        assert is_finished(runs, stage), stage
+        metrics = stage_module(stage).evaluate(runs, data)
+        assert set(metrics) >= {"test"}, stage
+        assert json.loads((runs / stage / "run.json").read_text())["finished"]
+    sft = stage_module("sft").evaluate(runs, data)["test"]
+    assert {"image_qa_acc", "text_qa_acc"} <= set(sft)
+    assert all(0.0 <= value <= 1.0 for key, value in sft.items() if key.endswith("_acc"))
+
+
+@pytest.mark.slow
+def test_the_finished_model_answers_and_speaks(trained):
+    data, runs = trained
+    model = OmniModel.load(runs / "sft")
+    row = json.loads((data / "chat" / "test.jsonl").read_text().splitlines()[0])
+    text, wave = model.chat(row["messages"][:-1], speak=True, max_new_tokens=4, base_dir=data / "chat")
+    assert isinstance(text, str) and wave.dim() == 1
