@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--stage", default="thinker")
     bench.add_argument("--steps", type=int, default=None, help="timed steps (default: by benchmark)")
     bench.add_argument("--device", default="auto")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     bench.add_argument("--out", default=None, help="also write the JSON here")
 
     plan = sub.add_parser("plan", help="analytic memory plan of a preset against a GPU budget")

@@ -65,6 +65,7 @@ class Thinker(nn.Module):
                 nn.init.normal_(param, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
+        self._head_by_column: tuple[tuple, torch.Tensor] | None = None  # see `_decode_head`
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -154,6 +155,19 @@ class Thinker(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Generation
 
+    def _decode_head(self) -> torch.Tensor:
+        """The head weight laid out as ``(d_model, vocab)`` for one-token decoding steps.
+
+        A decoding step multiplies one hidden vector by the whole head, which is bound by reading
+        the weight from memory; on CPUs (MKL) that read runs about twice as fast from this layout
+        as from nn.Linear's ``(vocab, d_model)``. The copy is remade whenever the weight changes.
+        """
+        weight = self.head.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._head_by_column is None or self._head_by_column[0] != key:
+            self._head_by_column = (key, weight.detach().t().contiguous())
+        return self._head_by_column[1]
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, *,
                  inputs_embeds: torch.Tensor | None = None,
@@ -197,8 +211,9 @@ class Thinker(nn.Module):
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         new_tokens, hiddens = [], []
         step_mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        head = self._decode_head()
         for step in range(max_new_tokens):
-            token = sample(self.head(last), temperature, top_k, top_p, generator)  # (batch,)
+            token = sample(last @ head, temperature, top_k, top_p, generator)  # (batch,)
             token = token.masked_fill(done, PAD_ID)
             new_tokens.append(token)
             if return_hidden:

@@ -217,3 +217,13 @@ def test_sampled_generation_is_reproducible_with_a_generator():
 def test_parameter_count_counts_tied_weights_once():
     untied, tied = make_thinker(), make_thinker(tie_embeddings=True)
     assert untied.num_parameters() - tied.num_parameters() == CFG.vocab_size * CFG.d_model
+
+
+def test_generate_follows_weight_updates():
+    model = make_thinker()
+    ids = torch.randint(8, CFG.vocab_size, (1, 5))
+    model.generate(ids, max_new_tokens=3, stop_ids=())  # builds the decoding copy of the head
+    with torch.no_grad():
+        model.head.weight.add_(torch.randn_like(model.head.weight))  # what an optimizer step does
+        expected = model(ids).logits[:, -1].argmax(-1).item()
+    assert model.generate(ids, max_new_tokens=1, stop_ids=())[0] == [expected]

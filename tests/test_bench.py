@@ -1,0 +1,28 @@
+"""`muomni bench thinker` runs end to end on the tiny preset and reports every figure."""
+
+import argparse
+
+import pytest
+import torch
+
+from muomni.bench import BenchError, bench_thinker, main
+
+
+def test_bench_thinker_reports_ours_and_reference():
+    result = bench_thinker("tiny", torch.device("cpu"), steps=1, rounds=1, batch=2, seq=32, prompt_len=8,
+                           new_tokens=8)
+    for clock in ("wall", "cpu"):
+        rates = result["tokens_per_s"][clock]
+        assert set(rates["ours"]) == {"train", "decode_cached", "decode_uncached"}
+        assert set(rates["reference"]) == {"train", "decode_cached"}
+        assert all(value > 0 for side in rates.values() for value in side.values())
+        assert set(result["ratios"][clock]) == {"train_vs_reference", "decode_cached_vs_reference",
+                                                "decode_cached_vs_uncached"}
+    # The tiny preset ties its head; the reference never does.
+    assert result["params"]["reference"] - result["params"]["ours"] == 1024 * 128
+
+
+def test_unknown_benchmark_is_named():
+    args = argparse.Namespace(what="thinkr", preset="tiny", steps=1, device="cpu", out=None, threads=None)
+    with pytest.raises(BenchError, match="thinkr"):
+        main(args)
