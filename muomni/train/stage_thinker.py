@@ -36,9 +36,9 @@ from muomni.train.stages import resolve_configs, run_stage, stage_checkpoint
 from muomni.train.trainer import pick_device
 
 TRAIN_DEFAULTS = {
-    # ~2 minutes on 2 CPU cores: 120 steps x 16 rows x 128 tokens = 246k tokens (~1.3 passes over the world text)
-    "tiny": TrainConfig(steps=120, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20, weight_decay=0.1,
-                        eval_every=40, eval_batches=4, save_every=40, log_every=10),
+    # ~2 minutes on 2 CPU cores: 100 steps x 16 rows x 128 tokens = 205k tokens (~1.1 passes over the world text)
+    "tiny": TrainConfig(steps=100, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=15, weight_decay=0.1,
+                        eval_every=50, eval_batches=4, save_every=50, log_every=10),
     # one 12 GB GPU: 5000 steps x 32 rows x 512 tokens = 82M tokens
     "base": TrainConfig(steps=5000, batch_size=32, seq_len=512, lr=1e-3, warmup_steps=200, weight_decay=0.1,
                         eval_every=500, eval_batches=20, save_every=500, log_every=20, num_workers=2),

@@ -5,7 +5,7 @@ A stage hands the `Trainer` a model, a map-style dataset, a collate function and
 
 - device auto-detection (cuda > mps > cpu), bf16 autocast on CUDA, fp32 elsewhere, optional
   ``torch.compile`` and gradient checkpointing;
-- AdamW (fused on CUDA) with weight decay on matrices only, linear warmup then cosine decay
+- AdamW (fused kernel on CUDA and CPU) with weight decay on matrices only, linear warmup then cosine decay
   (Loshchilov & Hutter, 2019), gradient accumulation and clipping;
 - periodic validation, ``best/`` and ``last/`` checkpoints, ``metrics.jsonl``, ``loss.png``, ``run.json``;
 - exact resume: weights, optimiser, schedule position, RNG states and data position are saved, so a
@@ -156,8 +156,9 @@ class Trainer:
                 self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         else:
             self.wrapped = self.loss_module
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=tuple(cfg.betas), fused=self.device.type == "cuda" or None)
+        # The fused kernel updates every parameter in one pass (CUDA and CPU); much faster than the loop.
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           fused=self.device.type in ("cuda", "cpu") or None)
 
         # Position of the run: optimiser steps done, and the next micro-batch (epoch, index).
         self.step, self.epoch, self.batch_index = 0, 0, 0
@@ -414,7 +415,7 @@ class Trainer:
                 self._log({"step": self.step, "split": "train", **train,
                            "elapsed_s": round(time.perf_counter() - started, 3)})
                 progress.set_postfix(loss=f"{train['loss']:.3f}", lr=f"{train['lr']:.2e}",
-                                     tok_s=f"{train['tokens_per_s']:.0f}")
+                                     tok_s=f"{train['tokens_per_s']:.0f}", refresh=False)
             if self.val_data is not None and (cfg.eval_every and self.step % cfg.eval_every == 0
                                               or self.step == cfg.steps):
                 val = self.evaluate()
