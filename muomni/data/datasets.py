@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from array import array
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Sized
 
@@ -158,11 +159,13 @@ class TextPackedDataset(Dataset):
     def __init__(self, paths: str | Path | Sequence[str | Path], tokenizer, seq_len: int, field: str = "text") -> None:
         if isinstance(paths, (str, Path)):
             paths = [paths]
-        stream: list[int] = []
+        stream = array("i")  # int32: 4 bytes per token, not a list of Python ints
         for path in paths:
             for text in _documents(Path(path), field):
-                stream += [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
-        self.tokens = torch.from_numpy(np.asarray(stream, dtype=np.int64))
+                stream.append(tokenizer.bos_id)
+                stream.extend(tokenizer.encode(text))
+                stream.append(tokenizer.eos_id)
+        self.tokens = torch.from_numpy(np.frombuffer(stream, dtype=np.int32).copy())
         self.seq_len = seq_len
         if len(self) == 0:
             raise ValueError(f"{len(stream)} tokens in {', '.join(map(str, paths))} are fewer than seq_len + 1 = {seq_len + 1}")
@@ -173,7 +176,7 @@ class TextPackedDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"window {i} out of range for {len(self)} windows")
-        window = self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1]
+        window = self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1].long()
         return {"input_ids": window[:-1], "targets": window[1:]}
 
 
