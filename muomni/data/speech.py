@@ -98,7 +98,8 @@ def _speak_raw(text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray
             lib.espeak_Synchronize()
             lib.espeak_Terminate()
         finally:
-            _ctypes.dlclose(lib._handle)
+            unload = getattr(_ctypes, "dlclose", None) or getattr(_ctypes, "FreeLibrary")  # POSIX / Windows
+            unload(lib._handle)
     raw = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
     return raw, sample_rate
 

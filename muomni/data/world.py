@@ -42,6 +42,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -356,8 +357,8 @@ def _exit_with_parent(parent: int) -> None:
 def _render_all(jobs: list[tuple], workers: int) -> list[float | None]:
     if workers <= 1:
         return [_render_job(job) for job in jobs]
-    # fork keeps start-up cheap on Linux; elsewhere spawn
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # fork keeps start-up cheap on Linux; macOS and Windows spawn fresh interpreters
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _exit_with_parent, (os.getpid(),)) as pool:
         return list(pool.imap(_render_job, jobs, chunksize=32))
 
