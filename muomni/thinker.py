@@ -276,7 +276,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 # Logits are formed for at most this many bytes at a time. Below glibc's largest mmap threshold
 # (32 MiB), a freed buffer is reused instead of being handed back to the OS and faulted in again
 # page by page, which on a CPU costs more than the arithmetic on it.
-CHUNK_BYTES = 32 * 2**20 - 2**20
+CHUNK_BYTES = 32 * 2**20
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -297,7 +297,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         hidden, targets = hidden[keep], targets[keep]  # ignored tokens cost nothing
     if targets.numel() == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # no target: zero loss that still backpropagates
-    chunk_size = chunk_size or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    if chunk_size is None:  # a multiple of 64 rows when large: matmul kernels work in such blocks
+        rows = max(1, (CHUNK_BYTES - 1) // (4 * weight.shape[0]))
+        chunk_size = rows - rows % 64 if rows > 64 else rows
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -328,10 +330,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 stop = min(start + chunk_size, n)
                 h_chunk, rows, cols = h[start:stop], torch.arange(stop - start, device=h.device), targets[start:stop]
                 logits = _matmul(h_chunk, w.t(), buffer[: stop - start])  # (chunk, vocab)
-                log_probs = torch.log_softmax(logits, dim=-1, out=logits)  # in place: no new buffer
-                losses[start:stop] = -log_probs[rows, cols]
+                target_logit = logits[rows, cols]
+                row_max, argmax = logits.max(dim=-1)
+                probs = torch.softmax(logits, dim=-1, out=logits)  # in place: no second buffer
+                # loss = logsumexp - target logit, and logsumexp = max - log(probability of the max):
+                # that probability is at least 1/vocab, so unlike the target's it never underflows.
+                losses[start:stop] = row_max - probs[rows, argmax].log() - target_logit
                 # d(sum of losses)/d(logits) = softmax - one-hot; the 1/n comes in backward.
-                grad = log_probs.exp_()
+                grad = probs
                 grad[rows, cols] -= 1.0
                 grad = grad.to(dtype)
                 if need_hidden:
