@@ -120,7 +120,7 @@ class CodecConfig:
     codebook_size: int = 256  # entries per codebook
     codebook_dim: int = 64  # dimension of each code vector
     ema_decay: float = 0.99  # EMA rate of the codebook updates
-    dead_code_threshold: float = 1.0  # EMA usage below which a code is restarted from the batch
+    dead_code_threshold: float = 0.1  # EMA uses per batch below which a code restarts on batch data
     commitment_weight: float = 0.25  # weight of the commitment loss
     quantizer_dropout: float = 0.5  # probability of training with a random number of codebooks
     vocoder_channels: int = 256  # HiFi-GAN generator width (halved at each upsampling)
@@ -268,7 +268,8 @@ def tiny() -> OmniConfig:
                           conv_channels=144, max_seconds=12.0),
         vision=VisionConfig(d_model=96, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=288,
                             image_size=64, patch_size=8, embed_dim=96, text_layers=2),
-        codec=CodecConfig(hidden=128, n_codebooks=4, codebook_size=128, codebook_dim=32, vocoder_channels=64),
+        codec=CodecConfig(hidden=128, n_codebooks=4, codebook_size=128, codebook_dim=32, ema_decay=0.95,
+                          vocoder_channels=64),
         talker=TalkerConfig(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384),
         projector_hidden=256,
     )
