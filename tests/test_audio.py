@@ -298,3 +298,54 @@ def test_bad_files_raise_one_line_audio_errors(tmp_path, case, message):
 def test_bad_tensors_raise_audio_errors(wave, message):
     with pytest.raises(AudioError, match=message):
         prepare_waveform(wave, SR)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage B end to end, on a handful of synthetic utterances
+
+
+def write_speech_manifests(root, counts):
+    import json
+
+    (root / "speech" / "wav").mkdir(parents=True)
+    words = ["red circle", "blue star", "two", "yes", "a big square"]
+    k = 0
+    for split, n in counts.items():
+        with open(root / "speech" / f"{split}.jsonl", "w") as file:
+            for i in range(n):
+                k += 1
+                write(root / "speech" / "wav" / f"{k}.wav", speechlike(0.4 + 0.1 * (i % 5), seed=k))
+                file.write(json.dumps({"id": f"u{k}", "audio": f"wav/{k}.wav", "text": words[i % 5]}) + "\n")
+
+
+def test_stage_audio_trains_and_evaluates(tmp_path):
+    import json
+
+    from muomni.train import stage_audio
+
+    write_speech_manifests(tmp_path / "world", {"train": 12, "val": 4, "test": 4, "comp": 3})
+    overrides = ["audio.n_layers=1", "audio.d_model=32", "audio.d_ff=64", "audio.conv_channels=32",
+                 "train.steps=4", "train.batch_size=4", "train.eval_every=2", "train.save_every=2", "train.log_every=1"]
+    run_dir = stage_audio.train("tiny", tmp_path / "world", tmp_path / "runs", overrides, resume=False)
+    assert run_dir == tmp_path / "runs" / "audio"
+    assert (run_dir / "best" / "model.safetensors").is_file() and (run_dir / "last" / "trainer_state.pt").is_file()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["finished"] and run["model"]["d_model"] == 32
+    val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    assert val and all(0.0 <= record["cer"] for record in val)
+    results = stage_audio.evaluate(tmp_path / "runs", tmp_path / "world")
+    assert set(results) == {"test", "comp"}
+    assert results["test"]["utterances"] == 4 and results["comp"]["utterances"] == 3
+    assert results["test"]["cer"] >= 0 and results["comp"]["wer"] >= 0
+
+
+def test_stage_audio_names_the_manifest_line_of_a_bad_file(tmp_path):
+    from muomni.data.index import ManifestError
+    from muomni.train.stage_audio import SpeechFeatures
+
+    write_speech_manifests(tmp_path, {"train": 3})
+    (tmp_path / "speech" / "wav" / "2.wav").write_bytes(b"")
+    data = SpeechFeatures(tmp_path / "speech" / "train.jsonl", small_config())
+    assert data[0]["mels"].shape[1] == 20
+    with pytest.raises(ManifestError, match=r"train.jsonl line 2: 2.wav is empty"):
+        data[1]
