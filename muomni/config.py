@@ -135,6 +135,9 @@ class TalkerConfig(TransformerConfig):
     n_kv_heads: int = 2
     d_ff: int = 768
     max_frames: int = 400  # longest utterance in code frames (32 s at 12.5 Hz)
+    # Voices the Talker can speak in (a learned embedding each, first in the prefix); the first is
+    # the default, the assistant's. Empty: no voice token. Stage D fills it from the training data.
+    voices: tuple[str, ...] = ()
 
 
 @dataclass
@@ -270,7 +273,7 @@ def tiny() -> OmniConfig:
                             image_size=64, patch_size=8, embed_dim=96, text_layers=2),
         codec=CodecConfig(hidden=128, n_codebooks=4, codebook_size=128, codebook_dim=32, ema_decay=0.95,
                           vocoder_channels=64),
-        talker=TalkerConfig(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384),
+        talker=TalkerConfig(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384, dropout=0.1),
         projector_hidden=256,
     )
 

@@ -4,6 +4,9 @@ Like Qwen2.5-Omni's Talker (Xu et al., 2025), it reads what the Thinker means to
 final hidden states for the response text plus the text's token embeddings, concatenated and
 projected into the Talker's width, form a prefix. After the prefix the Talker predicts codec codes.
 
+An optional voice token leads the prefix: the training speech has several voices, and naming the
+voice lets the Talker learn what words sound like from all of them while speaking in one.
+
 Several codebooks per frame use MusicGen's delay pattern (Copet et al., 2023): codebook q is shifted
 q steps later, so at each step one head per codebook predicts its code and the finer codebooks
 already see the coarser codes of the same frame. A frame of ``eos`` codes ends the speech; codes
@@ -76,6 +79,7 @@ class Talker(nn.Module):
         # Hidden states say what to mean, embeddings which tokens: both go in, as in Qwen2.5-Omni.
         self.cond_proj = nn.Sequential(nn.Linear(2 * cond_dim, cfg.d_model), nn.GELU(),
                                        nn.Linear(cfg.d_model, cfg.d_model))
+        self.voice_embed = nn.Embedding(len(cfg.voices), cfg.d_model) if cfg.voices else None
         self.code_embed = nn.ModuleList(nn.Embedding(self.vocab, cfg.d_model) for _ in range(self.n_q))
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.transformer = Transformer(cfg)
@@ -104,11 +108,28 @@ class Talker(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Forward
 
-    def condition(self, hidden: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        """Thinker hidden states and text embeddings ``(batch, text_len, cond_dim)`` -> prefix ``(batch, text_len, d_model)``."""
+    def voice_id(self, voice: str | None) -> int:
+        """Index of a voice name (None: the default, first voice)."""
+        if voice is None or not self.cfg.voices:
+            return 0
+        if voice not in self.cfg.voices:
+            raise TalkerError(f"unknown voice '{voice}'; this Talker speaks {', '.join(self.cfg.voices)}")
+        return self.cfg.voices.index(voice)
+
+    def condition(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
+                  voices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Thinker hidden states and text embeddings ``(batch, text_len, cond_dim)`` with their mask ->
+        prefix ``(batch, prefix_len, d_model)`` and its mask: the voice token (ids ``(batch,)``,
+        default 0) then the projected text."""
         if hidden.shape != text_embeds.shape:
             raise TalkerError(f"hidden {tuple(hidden.shape)} and text embeddings {tuple(text_embeds.shape)} must match")
-        return self.cond_proj(torch.cat([hidden, text_embeds], dim=-1))
+        prefix, mask = self.cond_proj(torch.cat([hidden, text_embeds], dim=-1)), cond_mask.bool()
+        if self.voice_embed is not None:
+            if voices is None:
+                voices = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+            prefix = torch.cat([self.voice_embed(voices)[:, None], prefix], dim=1)
+            mask = torch.cat([mask.new_ones(hidden.shape[0], 1), mask], dim=1)
+        return prefix, mask
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``(batch, n_q, steps)`` -> summed code embeddings ``(batch, steps, d_model)``."""
@@ -118,21 +139,22 @@ class Talker(nn.Module):
         return torch.stack([head(h) for head in self.heads], dim=1)  # (batch, n_q, steps, vocab)
 
     def forward(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
-                inputs: torch.Tensor) -> torch.Tensor:
+                inputs: torch.Tensor, voices: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits ``(batch, n_q, steps, vocab)`` for inputs ``(batch, n_q, steps)``.
 
         The prefix may be left-padded (``cond_mask`` False); code steps are right-padded.
         """
-        prefix = self.condition(hidden, text_embeds)
+        prefix, mask = self.condition(hidden, text_embeds, cond_mask, voices)
         x = torch.cat([prefix, self.embed_codes(inputs)], dim=1)
-        mask = torch.cat([cond_mask.bool(), cond_mask.new_ones(inputs.shape[0], inputs.shape[2], dtype=torch.bool)], 1)
+        mask = torch.cat([mask, mask.new_ones(inputs.shape[0], inputs.shape[2])], 1)
         h = self.transformer(x, self.rope(text_positions(mask)), None if bool(mask.all()) else mask)
         return self._logits(h[:, prefix.shape[1]:])
 
     def loss(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
-             inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+             inputs: torch.Tensor, targets: torch.Tensor,
+             voices: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean cross-entropy over all predicted codes, plus per-codebook accuracy."""
-        logits = self(hidden, text_embeds, cond_mask, inputs)
+        logits = self(hidden, text_embeds, cond_mask, inputs, voices)
         loss = F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1), ignore_index=-100)
         metrics: dict[str, float] = {"tokens": float((targets != -100).sum())}
         with torch.no_grad():
@@ -151,13 +173,14 @@ class Talker(nn.Module):
         return KVCache(c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim, p.dtype, p.device)
 
     def prefill(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
-                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: KVCache, voices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prefix and the ``bos`` step; returns (logits of step 0 ``(batch, n_q, vocab)``,
         the position of that step ``(batch,)``)."""
         batch = hidden.shape[0]
         bos = torch.full((batch, self.n_q, 1), self.bos_id, dtype=torch.long, device=hidden.device)
-        x = torch.cat([self.condition(hidden, text_embeds), self.embed_codes(bos)], dim=1)
-        mask = torch.cat([cond_mask.bool(), cond_mask.new_ones(batch, 1, dtype=torch.bool)], dim=1)
+        prefix, mask = self.condition(hidden, text_embeds, cond_mask, voices)
+        x = torch.cat([prefix, self.embed_codes(bos)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         positions = text_positions(mask)
         cache.append_mask(mask, x.shape[1])
         h = self.transformer(x, self.rope(positions), cache=cache)
@@ -172,20 +195,22 @@ class Talker(nn.Module):
     @torch.no_grad()
     def generate(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor | None = None,
                  max_frames: int | None = None, temperature: float = 0.8, top_k: int = 50,
-                 generator: torch.Generator | None = None, min_frames: int = 1) -> list[torch.Tensor]:
+                 generator: torch.Generator | None = None, min_frames: int = 1,
+                 voices: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Speak: codes ``(n_q, frames_i)`` per row, stopping at each row's end-of-speech frame.
 
         Codebook 0 decides when speech ends (it may sample ``eos`` once ``min_frames`` are out); the
         other codebooks follow the delay pattern, so a row is finished ``n_q - 1`` steps after its
         ``eos``. Rows that never stop end at ``max_frames`` (default ``cfg.max_frames``).
+        ``voices`` ``(batch,)`` picks each row's voice (default: the first, the assistant's).
         """
         batch, device = hidden.shape[0], hidden.device
         if cond_mask is None:
             cond_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=device)
         max_frames = max_frames or self.cfg.max_frames
         total = max_frames + self.n_q
-        cache = self.new_cache(batch, hidden.shape[1] + 1 + total)
-        logits, pos = self.prefill(hidden, text_embeds, cond_mask, cache)
+        cache = self.new_cache(batch, hidden.shape[1] + 2 + total)
+        logits, pos = self.prefill(hidden, text_embeds, cond_mask, cache, voices)
         end = torch.full((batch, 1), -1, dtype=torch.long, device=device)  # eos frame of each row
         out = torch.full((batch, self.n_q, total), self.pad_id, dtype=torch.long, device=device)
         for s in range(total):

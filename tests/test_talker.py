@@ -1,10 +1,11 @@
 """The Talker: delay pattern, KV cache, end of speech, and that it listens to its conditioning."""
 
+import pytest
 import torch
 import torch.nn as nn
 
 from muomni.config import CodecConfig, TalkerConfig
-from muomni.talker import Talker, delay_codes, undelay_codes
+from muomni.talker import Talker, TalkerError, delay_codes, undelay_codes
 
 COND = 24
 
@@ -87,3 +88,18 @@ def test_it_learns_two_utterances_and_the_conditioning_picks_which():
     assert torch.equal(out[0], codes[0]) and torch.equal(out[1], codes[1])
     swapped = talker.generate(hidden.flip(0), embeds.flip(0), mask, temperature=0.0)
     assert torch.equal(swapped[0], codes[1])  # other text, other speech
+
+
+def test_the_voice_token_leads_the_prefix_and_changes_the_speech():
+    torch.manual_seed(0)
+    cfg = TalkerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_frames=6, voices=("a", "b"))
+    talker = Talker(cfg, CodecConfig(n_codebooks=3, codebook_size=8), COND).eval()
+    hidden, embeds = torch.randn(1, 4, COND), torch.randn(1, 4, COND)
+    prefix, mask = talker.condition(hidden, embeds, torch.ones(1, 4, dtype=torch.bool))
+    assert prefix.shape == (1, 5, 32) and bool(mask.all())
+    torch.testing.assert_close(prefix[0, 0], talker.voice_embed.weight[0])  # default: the first voice
+    as_a = talker.generate(hidden, embeds, temperature=0.0, min_frames=6, voices=torch.tensor([0]))[0]
+    as_b = talker.generate(hidden, embeds, temperature=0.0, min_frames=6, voices=torch.tensor([talker.voice_id("b")]))[0]
+    assert not torch.equal(as_a, as_b)
+    with pytest.raises(TalkerError, match="unknown voice 'c'"):
+        talker.voice_id("c")

@@ -6,7 +6,8 @@
    codec frozen) and Thinker conditioning: the sentence as an assistant turn of the chat template,
    run through the frozen Thinker (stage A); the hidden states and token embeddings of the
    answer's tokens are the prefix the Talker speaks from, the same
-   states it gets from the Thinker's answers later (`speech_condition`). Loss: code cross-entropy.
+   states it gets from the Thinker's answers later (`speech_condition`). A voice token names the
+   utterance's voice (the assistant's is the default). Loss: code cross-entropy.
 
 Evaluation on held-out sentences (``test``: training voices, new sentences; ``comp``: held-out
 voices): the character error rate (CER) of the stage-B AuT on the original eSpeak audio, on the
@@ -37,6 +38,7 @@ from muomni.config import (ConfigError, OmniConfig, TrainConfig, apply_overrides
                            to_dict)
 from muomni.data.collate import pad
 from muomni.data.index import JsonlIndex
+from muomni.data.speech import ASSISTANT
 from muomni.talker import Talker
 from muomni.thinker import Thinker
 from muomni.tokenizer import Tokenizer
@@ -48,7 +50,7 @@ from muomni.vocoder import GriffinLimVocoder
 STAGE = "speech"
 CROP_FRAMES = 96  # codec training crops: 0.96 s, 12 code frames
 EVAL_LIMIT = 100  # held-out utterances per split in `evaluate`
-SAMPLING = {"temperature": 0.7, "top_k": 20}  # Talker sampling used by `evaluate` and `synthesize`
+SAMPLING = {"temperature": 0.3, "top_k": 10}  # Talker sampling used by `evaluate` and `synthesize`
 
 # The Talker's optimisation (``train.X``).
 TRAIN_DEFAULTS = {
@@ -72,8 +74,8 @@ CODEC_TRAIN_DEFAULTS = {
 
 def load_utterances(data_dir: Path, split: str, frontend: MelFrontend, limit: int | None = None,
                     keep_wave: bool = False) -> list[dict[str, Any]]:
-    """``speech/<split>.jsonl`` as dicts with ``mel`` ``(n_mels, frames)``, ``text``, ``sentence``
-    (and ``wave`` ``(samples,)`` if asked)."""
+    """``speech/<split>.jsonl`` as dicts with ``mel`` ``(n_mels, frames)``, ``text``, ``sentence``,
+    ``voice`` (None if the manifest has none) and, if asked, ``wave`` ``(samples,)``."""
     manifest = Path(data_dir) / "speech" / f"{split}.jsonl"
     index = JsonlIndex(manifest, required=("audio", "text"))
     out = []
@@ -81,7 +83,7 @@ def load_utterances(data_dir: Path, split: str, frontend: MelFrontend, limit: in
         record = index[i]
         wave = load_audio(manifest.parent / record["audio"])
         item = {"mel": frontend(wave[None])[0], "text": record["text"],
-                "sentence": record.get("sentence", record["text"])}
+                "sentence": record.get("sentence", record["text"]), "voice": record.get("voice")}
         if keep_wave:
             item["wave"] = wave
         out.append(item)
@@ -134,17 +136,27 @@ def speech_condition(thinker: Thinker, tokenizer: Tokenizer, sentences: list[str
     return out
 
 
-class SpokenTexts(Dataset):
-    """(Thinker conditioning, codec codes) pairs: ``hidden``/``embeds`` ``(tokens, d)``, ``codes`` ``(n_q, frames)``."""
+def voice_list(utts: list[dict]) -> tuple[str, ...]:
+    """The voices of the training speech, the assistant's first (the Talker's default), or () if unnamed."""
+    names = sorted({u["voice"] for u in utts if u.get("voice")})
+    if ASSISTANT["voice"] in names:
+        names.remove(ASSISTANT["voice"])
+        names.insert(0, ASSISTANT["voice"])
+    return tuple(names)
 
-    def __init__(self, conds: list[tuple[torch.Tensor, torch.Tensor]], codes: list[torch.Tensor]):
-        self.conds, self.codes = conds, codes
+
+class SpokenTexts(Dataset):
+    """(Thinker conditioning, voice, codec codes): ``hidden``/``embeds`` ``(tokens, d)``, ``voice``
+    (an index into the Talker's voices), ``codes`` ``(n_q, frames)``."""
+
+    def __init__(self, conds: list[tuple[torch.Tensor, torch.Tensor]], voices: list[int], codes: list[torch.Tensor]):
+        self.conds, self.voices, self.codes = conds, voices, codes
 
     def __len__(self) -> int:
         return len(self.codes)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"hidden": self.conds[i][0], "embeds": self.conds[i][1], "codes": self.codes[i]}
+        return {"hidden": self.conds[i][0], "embeds": self.conds[i][1], "voice": self.voices[i], "codes": self.codes[i]}
 
 
 def talker_collate(talker: Talker):
@@ -154,7 +166,8 @@ def talker_collate(talker: Talker):
         hidden, cond_mask = pad([it["hidden"] for it in items], 0.0, side="left")
         embeds, _ = pad([it["embeds"] for it in items], 0.0, side="left")
         inputs, targets = talker.make_batch([it["codes"] for it in items])
-        return {"hidden": hidden, "embeds": embeds, "cond_mask": cond_mask, "inputs": inputs, "targets": targets}
+        return {"hidden": hidden, "embeds": embeds, "cond_mask": cond_mask, "inputs": inputs, "targets": targets,
+                "voices": torch.tensor([it["voice"] for it in items])}
 
     return collate
 
@@ -228,16 +241,19 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
                   resume=resume, preset=preset)
     codec = load_codec(stage_checkpoint(runs_dir, f"{STAGE}/codec"))
 
-    # 2. the Talker on (Thinker conditioning, codes)
-    def spoken(utts: list[dict]) -> SpokenTexts:
-        codes = [codec.encode(u["mel"][None])[0] for u in utts]
-        return SpokenTexts(speech_condition(thinker, tokenizer, [u["sentence"] for u in utts]), codes)
-
+    # 2. the Talker on (Thinker conditioning, voice, codes)
+    omni = dataclasses.replace(omni, talker=dataclasses.replace(omni.talker, voices=voice_list(train_utts)))
     torch.manual_seed(talker_train.seed)
     talker = Talker(omni.talker, omni.codec, omni.thinker.d_model)
+
+    def spoken(utts: list[dict]) -> SpokenTexts:
+        codes = [codec.encode(u["mel"][None])[0] for u in utts]
+        voices = [omni.talker.voices.index(u["voice"]) if u.get("voice") in omni.talker.voices else 0 for u in utts]
+        return SpokenTexts(speech_condition(thinker, tokenizer, [u["sentence"] for u in utts]), voices, codes)
+
     run_stage(f"{STAGE}/talker", runs_dir, talker, omni, talker_train, spoken(train_utts), talker_collate(talker),
               lambda model, batch: model.loss(batch["hidden"], batch["embeds"], batch["cond_mask"],
-                                              batch["inputs"], batch["targets"]),
+                                              batch["inputs"], batch["targets"], batch["voices"]),
               val_data=spoken(val_utts), resume=resume, preset=preset)
 
     summary = {"stage": STAGE, "preset": preset, "model": to_dict(omni), "train": to_dict(talker_train),
