@@ -22,8 +22,10 @@ OVERRIDES = [
     "vision.embed_dim=32", "vision.text_layers=1",
     "codec.hidden=32", "codec.codebook_size=16", "codec.codebook_dim=8",
     "talker.d_model=32", "talker.n_layers=1", "talker.n_heads=2", "talker.n_kv_heads=2", "talker.d_ff=64",
-    "projector_hidden=64",
+    "talker.max_frames=12", "projector_hidden=64",
 ]
+STAGE_OVERRIDES = {"speech": ["codec_train.steps=3", "codec_train.batch_size=4", "codec_train.eval_every=0",
+                              "codec_train.save_every=3", "codec_train.log_every=1"]}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def trained(tmp_path_factory):
     cfg = preset_config("tiny", scenes=40, utterances=60, clips=20, stories=60, chats=80)
     build_world(cfg, data, log=lambda message: None)
     for stage in STAGES:
-        stage_module(stage).train("tiny", data, runs, OVERRIDES, False)
+        stage_module(stage).train("tiny", data, runs, OVERRIDES + STAGE_OVERRIDES.get(stage, []), False)
     return data, runs
 
 

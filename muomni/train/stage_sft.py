@@ -52,9 +52,9 @@ TRAIN_DEFAULTS = {
                         weight_decay=0.01, eval_every=500, eval_batches=8, save_every=500, log_every=20),
 }
 
-# Which pieces each earlier stage provides: (stage, OmniModel attribute, config field).
+# Which pieces each earlier stage provides: (run directory under runs_dir, OmniModel attribute, config field).
 PARTS = (("thinker", "thinker", "thinker"), ("audio", "audio", "audio"), ("vision", "vision", "vision"),
-         ("speech", "codec", "codec"), ("speech", "talker", "talker"))
+         ("speech/codec", "codec", "codec"), ("speech/talker", "talker", "talker"))
 
 
 # ----------------------------------------------------------------------------------------------
