@@ -207,3 +207,12 @@ def test_eval_table_flattens_nested_metrics():
 
     table = markdown_table({"thinker": {"test": {"perplexity": 3.14159, "by": {"kind": 2}}}})
     assert "| thinker | test | perplexity | 3.142 |" in table and "| thinker | test | by.kind | 2 |" in table
+
+
+def test_cli_train_with_a_misspelt_key_fails_before_any_work(capsys, tmp_path):
+    from muomni.cli import main
+
+    code = main(["train", "--stage", "thinker", "--data", str(tmp_path / "missing"), "--out", str(tmp_path),
+                 "--set", "train.lrr=1e-3"])
+    assert code == 1 and "unknown config key 'train.lrr'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
