@@ -148,3 +148,22 @@ def test_save_and_load_give_the_same_answers(model, media, tmp_path):
 def test_batched_answers_match_single_answers(model, media):
     chats = [chat_with_everything(media), [{"role": "user", "content": "what colour is the circle?"}]]
     assert model.answer_batch(chats, max_new_tokens=5) == [model.chat(c, max_new_tokens=5) for c in chats]
+
+
+@pytest.mark.parametrize("train_encoders", [False, True])
+def test_sft_loss_trains_encoders_only_when_asked(tokenizer, media, train_encoders):
+    from muomni.train import stage_sft
+
+    model = small_model(tokenizer)
+    rows = [{"messages": chat_with_everything(media) + [{"role": "assistant", "content": "red."}]},
+            {"messages": [{"role": "user", "content": "what colour?"}, {"role": "assistant", "content": "blue."}]}]
+    stage_sft.freeze(model, train_encoders)
+    data = stage_sft.ChatSamples(rows, media["image"].parent, model, cache=not train_encoders)
+    loss, metrics = stage_sft.loss_fn(model, stage_sft.collate([data[0], data[1]]))
+    loss.backward()
+    # answer tokens plus each closing <|im_end|> are the only targets
+    assert metrics["tokens"] == len(tokenizer.encode("red.")) + len(tokenizer.encode("blue.")) + 2
+    assert model.vision_proj.up.weight.grad is not None and model.thinker.tok_emb.weight.grad is not None
+    assert (model.vision.patch_embed.weight.grad is not None) == train_encoders
+    assert (model.audio.conv1.weight.grad is not None) == train_encoders
+    assert model.codec.encoder[0].weight.grad is None
