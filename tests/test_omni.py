@@ -162,7 +162,7 @@ def test_sft_loss_trains_encoders_only_when_asked(tokenizer, media, train_encode
     loss, metrics = stage_sft.loss_fn(model, stage_sft.collate([data[0], data[1]]))
     loss.backward()
     # answer tokens plus each closing <|im_end|> are the only targets
-    assert metrics["tokens"] == len(tokenizer.encode("red.")) + len(tokenizer.encode("blue.")) + 2
+    assert metrics["answer_tokens"] == len(tokenizer.encode("red.")) + len(tokenizer.encode("blue.")) + 2
     assert model.vision_proj.up.weight.grad is not None and model.thinker.tok_emb.weight.grad is not None
     assert (model.vision.patch_embed.weight.grad is not None) == train_encoders
     assert (model.audio.conv1.weight.grad is not None) == train_encoders

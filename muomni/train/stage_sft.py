@@ -258,7 +258,8 @@ def loss_fn(model: OmniModel, batch: dict[str, Any]) -> tuple[torch.Tensor, dict
     text_loss = linear_cross_entropy(hidden, model.thinker.head.weight, batch["targets"])
     loss = text_loss
     metrics = {"text_loss": float(text_loss.detach()),
-               "tokens": float((batch["targets"] != IGNORE_INDEX).sum())}
+               "answer_tokens": float((batch["targets"] != IGNORE_INDEX).sum()),
+               "tokens": float(batch["attention_mask"].sum())}  # everything the Thinker read, for tokens/s
     spoken = [(row, s) for row, s in enumerate(batch["speak"]) if s is not None]
     if spoken:
         talker_loss = model.talker_loss(
