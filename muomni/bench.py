@@ -8,8 +8,9 @@ built with the same shapes (the reference's head is always untied):
   a 32-token prompt and 128 new tokens;
 - parameter counts and peak memory (CUDA only).
 
-The two models are timed in alternating rounds and the median round is reported, so a machine
-that is busy with other work slows both alike. ``muomni bench train`` times a training stage
+The two models are timed in alternating rounds, so a machine that is busy with other work slows
+both alike, and the fastest round of each is reported (as `timeit` does: it is the round least
+disturbed by that other work). ``muomni bench train`` times a training stage
 (`muomni.train.bench_train`).
 """
 
@@ -19,7 +20,6 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +105,7 @@ def bench_thinker(preset_name: str, device: torch.device, steps: int = 3, rounds
     # Tokens per second of wall-clock time, and per second of this process's CPU time: the second
     # stays meaningful on a machine shared with other work when running one thread.
     tokens = {"ours": batch * seq, "reference": batch * seq}
-    per_s = {clock: {name: round(tokens.get(name, new_tokens) / statistics.median(times[name]), 1)
+    per_s = {clock: {name: round(tokens.get(name, new_tokens) / min(times[name]), 1)
                      for name in times} for clock, times in (("wall", wall), ("cpu", cpu))}
 
     def ratios(rate: dict[str, float]) -> dict[str, float]:
