@@ -35,8 +35,8 @@ SEGMENT_FRAMES = 50  # training windows of 0.5 s
 EVAL_LIMIT = 30  # held-out utterances per split in `evaluate`
 
 TRAIN_DEFAULTS = {
-    "tiny": TrainConfig(steps=150, batch_size=4, lr=5e-4, betas=(0.8, 0.99), warmup_steps=10, weight_decay=0.0,
-                        eval_every=0, save_every=150, log_every=10, grad_clip=10.0),
+    "tiny": TrainConfig(steps=100, batch_size=4, lr=5e-4, betas=(0.8, 0.99), warmup_steps=10, weight_decay=0.0,
+                        eval_every=0, save_every=100, log_every=10, grad_clip=10.0),
     "base": TrainConfig(steps=50000, batch_size=16, lr=2e-4, betas=(0.8, 0.99), warmup_steps=500,
                         weight_decay=0.0, eval_every=2000, eval_batches=4, save_every=2000, log_every=100,
                         grad_clip=10.0),
