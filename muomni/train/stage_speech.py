@@ -54,7 +54,8 @@ SAMPLING = {"temperature": 0.3, "top_k": 10}  # Talker sampling used by `evaluat
 
 # The Talker's optimisation (``train.X``).
 TRAIN_DEFAULTS = {
-    "tiny": TrainConfig(steps=600, batch_size=32, lr=2e-3, warmup_steps=40, weight_decay=0.05,
+    # 400 steps: on the world's 2,448 sentences the validation loss is lowest there; later it overfits.
+    "tiny": TrainConfig(steps=400, batch_size=32, lr=2e-3, warmup_steps=40, weight_decay=0.05,
                         eval_every=200, eval_batches=2, save_every=200, log_every=20),
     "base": TrainConfig(steps=8000, batch_size=64, lr=1e-3, warmup_steps=300, weight_decay=0.05,
                         eval_every=500, eval_batches=4, save_every=500, log_every=50),
