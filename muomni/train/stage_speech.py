@@ -50,7 +50,8 @@ from muomni.vocoder import GriffinLimVocoder
 STAGE = "speech"
 CROP_FRAMES = 96  # codec training crops: 0.96 s, 12 code frames
 EVAL_LIMIT = 100  # held-out utterances per split in `evaluate`
-SAMPLING = {"temperature": 0.3, "top_k": 10}  # Talker sampling used by `evaluate` and `synthesize`
+SAMPLING = {"temperature": 0.3, "top_k": 10}
+FRAMES_PER_TOKEN = 12.5  # `synthesize` caps speech at this many code frames (1 s) per text token  # Talker sampling used by `evaluate` and `synthesize`
 
 # The Talker's optimisation (``train.X``).
 TRAIN_DEFAULTS = {
@@ -278,7 +279,10 @@ def synthesize(talker: Talker, codec: Codec, vocoder: torch.nn.Module,
         chunk = conds[start : start + batch_size]
         hidden, mask = pad([c[0] for c in chunk], 0.0, side="left")
         embeds, _ = pad([c[1] for c in chunk], 0.0, side="left")
-        for codes in talker.generate(hidden, embeds, mask, generator=generator, **(sampling or SAMPLING)):
+        # A Talker that never says eos stops at 1 s per text token (world speech takes ~0.2 s).
+        cap = min(talker.cfg.max_frames, int(FRAMES_PER_TOKEN * hidden.shape[1]))
+        for codes in talker.generate(hidden, embeds, mask, max_frames=cap, generator=generator,
+                                     **(sampling or SAMPLING)):
             if codes.shape[1] == 0:
                 waves.append(torch.zeros(codec.cfg.frames_per_code * codec.cfg.hop_length))
                 continue
