@@ -285,15 +285,19 @@ class AuT(nn.Module):
 
     def ctc_loss(self, mels: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
                  target_lengths: torch.Tensor) -> torch.Tensor:
-        """Mean CTC loss (per target character) of padded targets ``(batch, max_chars)``.
+        """Mean CTC loss of padded character targets ``(batch, max_chars)`` (see `ctc_loss`)."""
+        return ctc_loss(*self.ctc_logits(mels, lengths), targets, target_lengths)
 
-        Utterances too fast for their frames (more characters plus repeats than 25 Hz frames)
-        contribute zero instead of infinity (``zero_infinity``).
-        """
-        logits, out_lengths = self.ctc_logits(mels, lengths)
-        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, batch, vocab) for ctc_loss
-        return F.ctc_loss(log_probs, targets, out_lengths, target_lengths, blank=0,
-                          reduction="mean", zero_infinity=True)
+
+def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor,
+             target_lengths: torch.Tensor) -> torch.Tensor:
+    """CTC loss of logits ``(batch, T, vocab)``, averaged per target character, then over the batch.
+
+    Utterances too fast for their frames (more characters plus repeats than 25 Hz frames)
+    contribute zero instead of infinity (``zero_infinity``).
+    """
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, batch, vocab) for F.ctc_loss
+    return F.ctc_loss(log_probs, targets, lengths, target_lengths, blank=0, reduction="mean", zero_infinity=True)
 
 
 def merge_pairs(hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
