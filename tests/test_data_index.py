@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from muomni.data.collate import collate_dicts, pad
-from muomni.data.datasets import EpochShuffler, ManifestDataset, TextPackedDataset, asr_pair, chat
+from muomni.data.datasets import EpochShuffler, ManifestDataset, asr_pair, chat
 from muomni.data.index import CsvIndex, JsonlIndex, LineIndex, ManifestError
 
 
@@ -116,27 +116,6 @@ def test_chat_transform_resolves_parts(tmp_path):
     assert dataset[0]["messages"][0]["content"][0]["path"] == str(tmp_path / "images" / "x.png")
     with pytest.raises(ManifestError, match="c.jsonl line 2: bad message"):
         dataset[1]
-
-
-class CharTokenizer:
-    bos_id, eos_id = 1, 2
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
-
-
-def test_text_packing_shifts_targets_by_one(tmp_path):
-    path = tmp_path / "t.jsonl"
-    write(path, '{"text": "abc"}\n{"text": "defgh"}\n')
-    data = TextPackedDataset(path, CharTokenizer(), seq_len=4)
-    stream = [1, 97, 98, 99, 2, 1, 100, 101, 102, 103, 104, 2]
-    assert len(data) == (len(stream) - 1) // 4 == 2
-    for i in range(len(data)):
-        item = data[i]
-        assert item["input_ids"].tolist() == stream[i * 4: i * 4 + 4]
-        assert item["targets"].tolist() == stream[i * 4 + 1: i * 4 + 5]
-    with pytest.raises(ValueError, match="fewer than seq_len"):
-        TextPackedDataset(path, CharTokenizer(), seq_len=64)
 
 
 def test_epoch_shuffler_is_deterministic_and_resumable():

@@ -216,3 +216,21 @@ def test_cli_train_with_a_misspelt_key_fails_before_any_work(capsys, tmp_path):
                  "--set", "train.lrr=1e-3"])
     assert code == 1 and "unknown config key 'train.lrr'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+class CharTokenizer:
+    pad_id, eos_id = 0, 2
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [[ord(c) for c in text] for text in texts]
+
+
+def test_stage_a_packing_separates_documents_with_eos_and_masks_padding():
+    from muomni.train.stage_thinker import PackedText, pack
+
+    rows = pack(["abc", "defg"], CharTokenizer(), seq_len=4)
+    assert rows.tolist() == [[97, 98, 99, 2, 100], [101, 102, 103, 2, 0]]
+    data = PackedText(rows, pad_id=0)
+    assert data[0]["input_ids"].tolist() == [97, 98, 99, 2] and data[0]["targets"].tolist() == [98, 99, 2, 100]
+    # the final <|eos|> stays a target; the padding after it does not
+    assert data[1]["input_ids"].tolist() == [101, 102, 103, 2] and data[1]["targets"].tolist() == [102, 103, 2, -100]

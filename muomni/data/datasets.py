@@ -6,17 +6,15 @@
 - Record transforms for each stage: `asr_pair` / `tts_pair` (audio + transcript), `image_captions`,
   `video_qa`, `chat` (messages with absolute media paths). They resolve and check paths; loading the
   pixels or samples is the job of `muomni.vision` / `muomni.audio` / `muomni.video`.
-- `TextPackedDataset(paths, tokenizer, seq_len)`: documents tokenised as `<bos> text <eos>`, joined
-  into one stream and cut into windows: `input_ids (seq_len,)`, `targets (seq_len,)` shifted by one.
 - `EpochShuffler`: a sampler whose order is a function of (seed, epoch) only, so a resumed run sees
-  the same batches; it shards across DDP ranks and can start mid-epoch.
+  the same batches; it shards across DDP ranks and can start mid-epoch. The Trainer draws each
+  epoch's order from it. (Text for the Thinker is packed by `muomni.train.stage_thinker.pack`.)
 """
 
 from __future__ import annotations
 
 import math
 import os
-from array import array
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Sized
 
@@ -24,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from muomni.data.index import JsonlIndex, LineIndex, ManifestError
+from muomni.data.index import JsonlIndex, ManifestError
 
 Transform = Callable[[dict, Path], Any]
 
@@ -132,52 +130,6 @@ class ManifestDataset(Dataset):
             if isinstance(error, ManifestError):
                 raise
             raise self.index.error(i, f"{type(error).__name__}: {error}") from error
-
-
-def _documents(path: Path, field: str) -> Iterator[str]:
-    if path.suffix == ".jsonl":
-        index = JsonlIndex(path, required=(field,))
-        for i in range(len(index)):
-            yield index[i][field]
-    else:  # plain text: one document per non-blank line
-        yield from LineIndex(path)
-
-
-class TextPackedDataset(Dataset):
-    """Documents packed into fixed windows for next-token prediction.
-
-    Each document becomes `<bos> tokens <eos>`; all are joined and cut into `len(self)` windows of
-    `seq_len + 1` tokens, overlapping by one so that item `i` is ``{"input_ids": (seq_len,),
-    "targets": (seq_len,)}`` with ``targets[t] = input_ids[t + 1]``. No padding is ever needed.
-
-    Args:
-        paths: JSONL files with a `field` per line, or text files with one document per line.
-        tokenizer: has `encode(text) -> list[int]`, `bos_id` and `eos_id`.
-        seq_len: tokens per window.
-    """
-
-    def __init__(self, paths: str | Path | Sequence[str | Path], tokenizer, seq_len: int, field: str = "text") -> None:
-        if isinstance(paths, (str, Path)):
-            paths = [paths]
-        stream = array("i")  # int32: 4 bytes per token, not a list of Python ints
-        for path in paths:
-            for text in _documents(Path(path), field):
-                stream.append(tokenizer.bos_id)
-                stream.extend(tokenizer.encode(text))
-                stream.append(tokenizer.eos_id)
-        self.tokens = torch.from_numpy(np.frombuffer(stream, dtype=np.int32).copy())
-        self.seq_len = seq_len
-        if len(self) == 0:
-            raise ValueError(f"{len(stream)} tokens in {', '.join(map(str, paths))} are fewer than seq_len + 1 = {seq_len + 1}")
-
-    def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"window {i} out of range for {len(self)} windows")
-        window = self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1].long()
-        return {"input_ids": window[:-1], "targets": window[1:]}
 
 
 class EpochShuffler(Sampler[int]):

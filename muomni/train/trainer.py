@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from muomni.checkpoint import save_checkpoint
 from muomni.config import TrainConfig, to_dict
+from muomni.data.datasets import EpochShuffler
 from muomni.layers import Block
 
 LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
@@ -175,7 +176,9 @@ class Trainer:
         rank, so N processes see exactly the samples that one process with N times the batch sees.
         """
         size, n = self.cfg.batch_size, len(self.train_data)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)).tolist()
+        shuffler = EpochShuffler(n, seed=self.cfg.seed)
+        shuffler.set_epoch(epoch)
+        order = list(shuffler)
         per_step = size * self.world
         start = self.rank * size
         return [order[i * per_step + start: i * per_step + start + size] for i in range(n // per_step)]
