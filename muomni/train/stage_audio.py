@@ -27,7 +27,7 @@ from muomni.audio import (
 from muomni.checkpoint import load_checkpoint, resolve
 from muomni.config import AudioConfig, TrainConfig, from_dict
 from muomni.data.index import JsonlIndex
-from muomni.train.stages import StageError, resolve_configs, run_stage
+from muomni.train.stages import StageError, manifest, resolve_configs, run_stage
 
 STAGE = "audio"
 
@@ -109,18 +109,11 @@ def loss_fn(model: AuT, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, 
     return loss, metrics
 
 
-def manifest(data_dir: Path, split: str) -> Path:
-    path = Path(data_dir) / "speech" / f"{split}.jsonl"
-    if not path.is_file():
-        raise StageError(f"{path} does not exist; build the world with `muomni data world --out {data_dir}`")
-    return path
-
-
 def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], resume: bool) -> Path:
     """Train the AuT with CTC on ``data_dir/speech`` into ``runs_dir/audio``."""
     omni, train_cfg = resolve_configs(preset, TRAIN_DEFAULTS, overrides)
     cfg = omni.audio
-    train_data = SpeechFeatures(manifest(data_dir, "train"), cfg)
+    train_data = SpeechFeatures(manifest(data_dir, "speech", "train"), cfg)
     val_path = Path(data_dir) / "speech" / "val.jsonl"
     val_data = SpeechFeatures(val_path, cfg) if val_path.is_file() else None
     torch.manual_seed(train_cfg.seed)

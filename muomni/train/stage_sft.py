@@ -39,7 +39,7 @@ from muomni.data.index import JsonlIndex
 from muomni.omni import Media, OmniModel, expand_sequence, media_parts, shift_targets
 from muomni.thinker import IGNORE_INDEX, linear_cross_entropy
 from muomni.tokenizer import Tokenizer
-from muomni.train.stages import StageError, resolve_configs, run_stage, stage_checkpoint
+from muomni.train.stages import StageError, manifest, resolve_configs, run_stage, stage_checkpoint
 
 STAGE = "sft"
 TALKER_WEIGHT = 0.5  # weight of the Talker's code loss next to the Thinker's text loss
@@ -272,10 +272,7 @@ def loss_fn(model: OmniModel, batch: dict[str, Any]) -> tuple[torch.Tensor, dict
 
 
 def chat_rows(data_dir: Path, split: str) -> list[dict[str, Any]]:
-    path = Path(data_dir) / "chat" / f"{split}.jsonl"
-    if not path.is_file():
-        raise StageError(f"{path} does not exist; build the world with `muomni data world --out {data_dir}`")
-    return list(JsonlIndex(path))
+    return list(JsonlIndex(manifest(data_dir, "chat", split)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from muomni.checkpoint import CheckpointError, load_checkpoint, resolve
 from muomni.config import TrainConfig, VisionConfig, from_dict
 from muomni.data.index import JsonlIndex
 from muomni.tokenizer import Tokenizer
-from muomni.train.stages import StageError, resolve_configs, run_stage, stage_checkpoint
+from muomni.train.stages import StageError, manifest, resolve_configs, run_stage, stage_checkpoint
 from muomni.vision import CLIP, caption_ids, image_transform, info_nce, load_image, recall_at_k
 
 STAGE = "vision"
@@ -116,19 +116,12 @@ def load_tokenizer(runs_dir: Path) -> Tokenizer:
     return Tokenizer.load(checkpoint / "tokenizer.json")
 
 
-def manifest(data_dir: Path, split: str) -> Path:
-    path = Path(data_dir) / "images" / f"{split}.jsonl"
-    if not path.is_file():
-        raise StageError(f"{path} does not exist; build the world with `muomni data world --out {data_dir}`")
-    return path
-
-
 def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], resume: bool) -> Path:
     """Train the ViT and text tower on ``data_dir/images`` into ``runs_dir/vision``."""
     omni, train_cfg = resolve_configs(preset, TRAIN_DEFAULTS, overrides)
     cfg = omni.vision
     tokenizer = load_tokenizer(Path(runs_dir))
-    train_data = CaptionedImages(manifest(data_dir, "train"), tokenizer, cfg, train=True)
+    train_data = CaptionedImages(manifest(data_dir, "images", "train"), tokenizer, cfg, train=True)
     val_path = Path(data_dir) / "images" / "val.jsonl"
     val_data = CaptionedImages(val_path, tokenizer, cfg, train=False) if val_path.is_file() else None
     torch.manual_seed(train_cfg.seed)

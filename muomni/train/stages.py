@@ -106,6 +106,14 @@ def stage_checkpoint(runs_dir: Path, stage: str) -> Path:
     return resolve(run_dir)
 
 
+def manifest(data_dir: Path, folder: str, split: str) -> Path:
+    """``data_dir/<folder>/<split>.jsonl``, or a StageError saying how to build it."""
+    path = Path(data_dir) / folder / f"{split}.jsonl"
+    if not path.is_file():
+        raise StageError(f"{path} does not exist; build the world with `muomni data world --out {data_dir}`")
+    return path
+
+
 def is_finished(runs_dir: Path, stage: str) -> bool:
     """True when ``runs_dir/<stage>/run.json`` says the stage completed."""
     path = Path(runs_dir) / stage / "run.json"
