@@ -42,7 +42,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -357,9 +356,9 @@ def _exit_with_parent(parent: int) -> None:
 def _render_all(jobs: list[tuple], workers: int) -> list[float | None]:
     if workers <= 1:
         return [_render_job(job) for job in jobs]
-    # fork keeps start-up cheap on Linux; macOS and Windows spawn fresh interpreters
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _exit_with_parent, (os.getpid(),)) as pool:
+    # Fresh interpreters, never fork: a process that has already run torch holds OpenMP threads,
+    # and a forked child that touches torch again can deadlock on them.
+    with multiprocessing.get_context("spawn").Pool(workers, _exit_with_parent, (os.getpid(),)) as pool:
         return list(pool.imap(_render_job, jobs, chunksize=32))
 
 
