@@ -123,6 +123,17 @@ class HiFiGAN(nn.Module):
         return torch.tanh(self.post(F.leaky_relu(x, 0.1))).squeeze(1)
 
 
+def _score(convs: nn.ModuleList, out: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run a discriminator's conv stack: ``(batch, scores)`` and every layer's features (for feature matching)."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), 0.1)
+        features.append(x)
+    x = out(x)
+    features.append(x)
+    return x.flatten(1), features
+
+
 class PeriodDiscriminator(nn.Module):
     """Looks at every ``period``-th sample: the waveform folded to ``(batch, 1, time / period, period)``."""
 
@@ -136,14 +147,7 @@ class PeriodDiscriminator(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = F.pad(wav[:, None], (0, -wav.shape[-1] % self.period), mode="reflect")
-        x = x.view(x.shape[0], 1, -1, self.period)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            features.append(x)
-        x = self.out(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _score(self.convs, self.out, x.view(x.shape[0], 1, -1, self.period))
 
 
 class ScaleDiscriminator(nn.Module):
@@ -157,13 +161,7 @@ class ScaleDiscriminator(nn.Module):
         self.out = nn.Conv1d(4 * ch, 1, 3, padding=1)
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x, features = wav[:, None], []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            features.append(x)
-        x = self.out(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _score(self.convs, self.out, wav[:, None])
 
 
 class Discriminators(nn.Module):

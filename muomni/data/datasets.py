@@ -8,7 +8,8 @@
   pixels or samples is the job of `muomni.vision` / `muomni.audio` / `muomni.video`.
 - `EpochShuffler`: a sampler whose order is a function of (seed, epoch) only, so a resumed run sees
   the same batches; it shards across DDP ranks and can start mid-epoch. The Trainer draws each
-  epoch's order from it. (Text for the Thinker is packed by `muomni.train.stage_thinker.pack`.)
+  epoch's order from it.
+- `TensorCache`: decoded inputs kept in memory up to a size limit. (Text for the Thinker is packed by `muomni.train.stage_thinker.pack`.)
 """
 
 from __future__ import annotations
@@ -130,6 +131,28 @@ class ManifestDataset(Dataset):
             if isinstance(error, ManifestError):
                 raise
             raise self.index.error(i, f"{type(error).__name__}: {error}") from error
+
+
+class TensorCache:
+    """Tensors kept in memory up to ``limit_mb``; once full, further items are recomputed on each use.
+
+    Stages whose inputs are costly to decode (log-mels, PNGs) wrap the decoding in
+    ``cache.get(i, compute)`` so later epochs skip it while memory stays bounded.
+    """
+
+    def __init__(self, limit_mb: float = 1024) -> None:
+        self.items: dict[Any, torch.Tensor] = {}
+        self.bytes, self.limit = 0, limit_mb * 2**20
+
+    def get(self, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self.items:
+            return self.items[key]
+        value = compute()
+        size = value.numel() * value.element_size()
+        if self.bytes + size <= self.limit:
+            self.items[key] = value
+            self.bytes += size
+        return value
 
 
 class EpochShuffler(Sampler[int]):

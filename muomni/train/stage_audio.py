@@ -26,6 +26,7 @@ from muomni.audio import (
 )
 from muomni.checkpoint import load_checkpoint, resolve
 from muomni.config import AudioConfig, TrainConfig, from_dict
+from muomni.data.datasets import TensorCache
 from muomni.data.index import JsonlIndex
 from muomni.train.stages import StageError, manifest, resolve_configs, run_stage
 
@@ -55,8 +56,7 @@ class SpeechFeatures(Dataset):
         self.base = Path(manifest).parent
         self.cfg = cfg
         self.frontend = LogMel(cfg)
-        self.cache: dict[int, torch.Tensor] = {}
-        self.cache_bytes, self.cache_limit = 0, cache_mb * 2**20
+        self.cache = TensorCache(cache_mb)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -76,14 +76,8 @@ class SpeechFeatures(Dataset):
     @torch.no_grad()
     def features(self, i: int, record: dict) -> torch.Tensor:
         """The normalised log-mel ``(frames, n_mels)`` of item ``i``, from the cache when it is there."""
-        if i in self.cache:
-            return self.cache[i]
-        wave = load_audio(self.base / record["audio"], self.cfg.sample_rate, self.cfg.max_seconds)
-        mels = self.frontend(wave)
-        if self.cache_bytes + mels.numel() * mels.element_size() <= self.cache_limit:
-            self.cache[i] = mels
-            self.cache_bytes += mels.numel() * mels.element_size()
-        return mels
+        path = self.base / record["audio"]
+        return self.cache.get(i, lambda: self.frontend(load_audio(path, self.cfg.sample_rate, self.cfg.max_seconds)))
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from muomni.checkpoint import CheckpointError, load_checkpoint, resolve
 from muomni.config import TrainConfig, VisionConfig, from_dict
+from muomni.data.datasets import TensorCache
 from muomni.data.index import JsonlIndex
 from muomni.tokenizer import Tokenizer
 from muomni.train.stages import StageError, manifest, resolve_configs, run_stage, stage_checkpoint
@@ -54,8 +55,7 @@ class CaptionedImages(Dataset):
         self.tokenizer, self.max_len, self.train = tokenizer, cfg.text_max_len, train
         self.transform = image_transform(cfg.image_size, train=train, min_scale=cfg.augment_min_scale)
         # Decoded images are kept (uint8) up to cache_mb, so later epochs skip PNG decoding.
-        self.cache: dict[int, torch.Tensor] = {}
-        self.cache_bytes, self.cache_limit = 0, cache_mb * 2**20
+        self.cache = TensorCache(cache_mb)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -71,13 +71,7 @@ class CaptionedImages(Dataset):
 
     def pixels(self, i: int, record: dict) -> torch.Tensor:
         """The decoded image ``(3, H, W)`` uint8, from the cache when it is there."""
-        if i in self.cache:
-            return self.cache[i]
-        image = pil_to_tensor(load_image(self.base / record["image"]))
-        if self.cache_bytes + image.numel() <= self.cache_limit:
-            self.cache[i] = image
-            self.cache_bytes += image.numel()
-        return image
+        return self.cache.get(i, lambda: pil_to_tensor(load_image(self.base / record["image"])))
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
