@@ -138,6 +138,11 @@ class TalkerConfig(TransformerConfig):
     # Voices the Talker can speak in (a learned embedding each, first in the prefix); the first is
     # the default, the assistant's. Empty: no voice token. Stage D fills it from the training data.
     voices: tuple[str, ...] = ()
+    # Spelling loss (training only): a small head reads the characters of the text back out of the
+    # Talker's states with CTC, which makes the states follow the text in order. 0 turns it off.
+    spell_weight: float = 0.5
+    spell_chars: str = " abcdefghijklmnopqrstuvwxyz'"  # characters spelled; others are dropped (blank is 0)
+    spell_slots: int = 4  # characters per code frame the head may emit: letters come faster than 12.5 Hz
 
 
 @dataclass

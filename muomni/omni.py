@@ -463,7 +463,8 @@ class OmniModel(nn.Module):
         """Mean code cross-entropy of the Talker speaking each answer: its states, ids and codes ``(n_q, frames)``."""
         hidden, embeds, mask = self.talker_conditioning(hiddens, ids)
         inputs, targets = self.talker.make_batch([c.cpu() for c in codes])
-        loss, _ = self.talker.loss(hidden, embeds, mask, inputs.to(self.device), targets.to(self.device))
+        texts = [self.tokenizer_or_fail().decode(i.tolist()) for i in ids]
+        loss, _ = self.talker.loss(hidden, embeds, mask, inputs.to(self.device), targets.to(self.device), texts=texts)
         return loss
 
     @torch.no_grad()

@@ -12,6 +12,11 @@ q steps later, so at each step one head per codebook predicts its code and the f
 already see the coarser codes of the same frame. A frame of ``eos`` codes ends the speech; codes
 the pattern leaves empty are ``pad`` and are neither predicted nor sampled.
 
+While training, a spelling head reads the characters of the spoken text back out of the Talker's
+states with CTC (Graves et al., 2006), as an ASR model would. A small Talker trained on a few hundred
+sentences otherwise learns to babble likely speech: it starts a sentence right and then drifts into
+frequent phrases. Having to spell the text from its own states makes it keep its place in the text.
+
 Shapes: conditioning ``(batch, text_len, cond_dim)`` twice (hidden states, text embeddings) with a
 mask ``(batch, text_len)``; codes ``(batch, n_codebooks, frames)``; logits
 ``(batch, n_codebooks, steps, codebook_size + 3)``.
@@ -53,6 +58,13 @@ def undelay_codes(delayed: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.stack([delayed[q, q : q + frames] for q in range(delayed.shape[0])])
 
 
+def spelling(text: str, chars: str) -> torch.Tensor:
+    """CTC targets ``(n,)`` of ``text``: 1 + the index of each character in ``chars``, lowercased,
+    other characters dropped and runs of spaces collapsed (0 is the CTC blank)."""
+    kept = "".join(c for c in text.lower() if c in chars)
+    return torch.tensor([chars.index(c) + 1 for c in " ".join(kept.split())], dtype=torch.long)
+
+
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one index per row of ``(rows, vocab)`` logits: argmax at temperature 0, else sample."""
@@ -84,6 +96,8 @@ class Talker(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.transformer = Transformer(cfg)
         self.heads = nn.ModuleList(nn.Linear(cfg.d_model, self.vocab, bias=False) for _ in range(self.n_q))
+        # Training only: ``spell_slots`` character logits (blank + spell_chars) per code step.
+        self.spell = nn.Linear(cfg.d_model, cfg.spell_slots * (len(cfg.spell_chars) + 1)) if cfg.spell_weight > 0 else None
 
     # ------------------------------------------------------------------------------------------
     # Batches
@@ -138,9 +152,9 @@ class Talker(nn.Module):
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return torch.stack([head(h) for head in self.heads], dim=1)  # (batch, n_q, steps, vocab)
 
-    def forward(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
-                inputs: torch.Tensor, voices: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits ``(batch, n_q, steps, vocab)`` for inputs ``(batch, n_q, steps)``.
+    def states(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
+               inputs: torch.Tensor, voices: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced final states ``(batch, steps, d_model)`` at the code steps ``(batch, n_q, steps)``.
 
         The prefix may be left-padded (``cond_mask`` False); code steps are right-padded.
         """
@@ -148,15 +162,39 @@ class Talker(nn.Module):
         x = torch.cat([prefix, self.embed_codes(inputs)], dim=1)
         mask = torch.cat([mask, mask.new_ones(inputs.shape[0], inputs.shape[2])], 1)
         h = self.transformer(x, self.rope(text_positions(mask)), None if bool(mask.all()) else mask)
-        return self._logits(h[:, prefix.shape[1]:])
+        return h[:, prefix.shape[1]:]
+
+    def forward(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
+                inputs: torch.Tensor, voices: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits ``(batch, n_q, steps, vocab)`` for inputs ``(batch, n_q, steps)``."""
+        return self._logits(self.states(hidden, text_embeds, cond_mask, inputs, voices))
+
+    def spell_loss(self, states: torch.Tensor, targets: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """CTC of ``texts`` against the spelling head on ``states`` ``(batch, steps, d_model)``; each row
+        reads its speech steps (those with a target, up to and including the end-of-speech step)."""
+        batch, steps, _ = states.shape
+        slots, classes = self.cfg.spell_slots, len(self.cfg.spell_chars) + 1
+        log_probs = self.spell(states).view(batch, steps * slots, classes).log_softmax(-1)
+        spoken = (targets != -100).any(dim=1).sum(dim=-1) * slots  # (batch,)
+        letters = [spelling(text, self.cfg.spell_chars) for text in texts]
+        flat = torch.cat(letters).to(states.device)
+        lengths = torch.tensor([len(x) for x in letters], device=states.device)
+        # zero_infinity: a text too long for its speech gives no gradient instead of inf
+        return F.ctc_loss(log_probs.transpose(0, 1), flat, spoken, lengths, zero_infinity=True)
 
     def loss(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
-             inputs: torch.Tensor, targets: torch.Tensor,
-             voices: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean cross-entropy over all predicted codes, plus per-codebook accuracy."""
-        logits = self(hidden, text_embeds, cond_mask, inputs, voices)
+             inputs: torch.Tensor, targets: torch.Tensor, voices: torch.Tensor | None = None,
+             texts: list[str] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean cross-entropy over all predicted codes (+ ``spell_weight`` x the spelling CTC when the
+        spoken ``texts`` are given), plus per-codebook accuracy."""
+        states = self.states(hidden, text_embeds, cond_mask, inputs, voices)
+        logits = self._logits(states)
         loss = F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1), ignore_index=-100)
-        metrics: dict[str, float] = {"tokens": float((targets != -100).sum())}
+        metrics: dict[str, float] = {"tokens": float((targets != -100).sum()), "code_loss": float(loss.detach())}
+        if texts is not None and self.spell is not None:
+            spell = self.spell_loss(states, targets, texts)
+            metrics["spell_loss"] = float(spell.detach())
+            loss = loss + self.cfg.spell_weight * spell
         with torch.no_grad():
             for q in range(self.n_q):
                 valid = targets[:, q] != -100

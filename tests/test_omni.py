@@ -167,3 +167,27 @@ def test_sft_loss_trains_encoders_only_when_asked(tokenizer, media, train_encode
     assert (model.vision.patch_embed.weight.grad is not None) == train_encoders
     assert (model.audio.conv1.weight.grad is not None) == train_encoders
     assert model.codec.encoder[0].weight.grad is None
+
+
+def test_a_story_becomes_one_chat_per_scene_with_its_answers():
+    from muomni.train.stage_sft import story_chats
+
+    story = ("two shapes. a red star and a blue circle. what colour is the star? red. how many circles are there? "
+             "one. there is a green square. which way did it move? up. five is more than four.")
+    chats = story_chats(story)
+    assert [[m["role"] for m in chat] for chat in chats] == [["user", "assistant", "user", "assistant"],
+                                                             ["user", "assistant"]]
+    assert chats[0][0]["content"] == "two shapes. a red star and a blue circle. what colour is the star?"
+    assert chats[0][3]["content"] == "one." and chats[1][1]["content"] == "up."
+
+
+def test_the_sft_mixture_follows_its_shares_and_repeats_rare_kinds():
+    from collections import Counter
+
+    from muomni.train.stage_sft import mix
+
+    rows = [{"kind": "common", "i": i} for i in range(1000)] + [{"kind": "rare", "i": i} for i in range(10)]
+    mixed = mix(rows, {"common": 0.5, "rare": 0.5, "absent": 0.3}, total=200, seed=0)
+    assert Counter(row["kind"] for row in mixed) == {"common": 100, "rare": 100}
+    assert Counter(row["i"] for row in mixed if row["kind"] == "rare") == {i: 10 for i in range(10)}  # each rare row 10 times
+    assert mixed == mix(rows, {"common": 0.5, "rare": 0.5, "absent": 0.3}, total=200, seed=0)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from muomni.config import CodecConfig, TalkerConfig
-from muomni.talker import Talker, TalkerError, delay_codes, undelay_codes
+from muomni.talker import Talker, TalkerError, delay_codes, spelling, undelay_codes
 
 COND = 24
 
@@ -98,8 +98,49 @@ def test_the_voice_token_leads_the_prefix_and_changes_the_speech():
     prefix, mask = talker.condition(hidden, embeds, torch.ones(1, 4, dtype=torch.bool))
     assert prefix.shape == (1, 5, 32) and bool(mask.all())
     torch.testing.assert_close(prefix[0, 0], talker.voice_embed.weight[0])  # default: the first voice
-    as_a = talker.generate(hidden, embeds, temperature=0.0, min_frames=6, voices=torch.tensor([0]))[0]
-    as_b = talker.generate(hidden, embeds, temperature=0.0, min_frames=6, voices=torch.tensor([talker.voice_id("b")]))[0]
-    assert not torch.equal(as_a, as_b)
+    inputs, _ = talker.make_batch([torch.randint(0, 8, (3, 4))])
+    as_a = talker(hidden, embeds, torch.ones(1, 4, dtype=torch.bool), inputs, voices=torch.tensor([0]))
+    as_b = talker(hidden, embeds, torch.ones(1, 4, dtype=torch.bool), inputs, voices=torch.tensor([talker.voice_id("b")]))
+    assert (as_a - as_b).abs().max() > 1e-3  # another voice, other code predictions
     with pytest.raises(TalkerError, match="unknown voice 'c'"):
         talker.voice_id("c")
+
+
+def test_spelling_targets_keep_only_the_spelled_characters():
+    chars = " abcdefghijklmnopqrstuvwxyz'"
+    assert spelling("What's  UP?", chars).tolist() == [chars.index(c) + 1 for c in "what's up"]
+
+
+def test_the_spelling_head_learns_to_read_the_text_from_the_talker_states():
+    talker = small_talker(2)
+    hidden, embeds = torch.randn(2, 4, COND), torch.randn(2, 4, COND)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    inputs, targets = talker.make_batch([torch.randint(0, 8, (3, 5)), torch.randint(0, 8, (3, 4))])
+    texts = ["ab", "ba"]
+    code_only, metrics = talker.loss(hidden, embeds, mask, inputs, targets)
+    assert "spell_loss" not in metrics  # no texts, no spelling
+    opt = torch.optim.Adam(talker.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss, metrics = talker.loss(hidden, embeds, mask, inputs, targets, texts=texts)
+        first = first if first is not None else metrics["spell_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert metrics["spell_loss"] < 0.2 * first
+    with torch.no_grad():  # greedy CTC read-out of the first row: collapse repeats, drop blanks
+        states = talker.states(hidden, embeds, mask, inputs)
+        slots = talker.cfg.spell_slots
+        best = talker.spell(states).view(2, -1, len(talker.cfg.spell_chars) + 1).argmax(-1)[0, : (5 + 3) * slots]
+    read = [int(c) for i, c in enumerate(best) if c != 0 and (i == 0 or c != best[i - 1])]
+    assert read == spelling("ab", talker.cfg.spell_chars).tolist()
+
+
+def test_no_spelling_head_when_its_weight_is_zero():
+    cfg = TalkerConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, spell_weight=0.0)
+    talker = Talker(cfg, CodecConfig(n_codebooks=3, codebook_size=8), COND)
+    assert talker.spell is None
+    inputs, targets = talker.make_batch([torch.randint(0, 8, (3, 4))])
+    _, metrics = talker.loss(torch.randn(1, 2, COND), torch.randn(1, 2, COND), torch.ones(1, 2, dtype=torch.bool),
+                             inputs, targets, texts=["a"])
+    assert "spell_loss" not in metrics

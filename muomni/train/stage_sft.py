@@ -23,6 +23,7 @@ Usage: ``muomni train --stage sft --preset tiny`` then ``muomni eval --stage sft
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -51,6 +52,11 @@ TRAIN_DEFAULTS = {
     "base": TrainConfig(steps=6000, batch_size=64, lr=5e-4, min_lr_ratio=0.1, warmup_steps=300,
                         weight_decay=0.01, eval_every=500, eval_batches=8, save_every=500, log_every=20),
 }
+
+# Share of each chat kind in the training rows. Drawn uniformly, the world's rows would be 80%
+# image and spoken questions (a dozen per picture) and 2% video questions, too few to learn motion.
+MIXTURE = {"image_qa": 0.28, "spoken_qa": 0.18, "video_qa": 0.2, "text_qa": 0.18, "transcribe": 0.06,
+           "caption": 0.05, "speak": 0.05}
 
 # Which pieces each earlier stage provides: (run directory under runs_dir, OmniModel attribute, config field).
 PARTS = (("thinker", "thinker", "thinker"), ("audio", "audio", "audio"), ("vision", "vision", "vision"),
@@ -143,12 +149,38 @@ def _sentence(answer: str) -> str:
     return answer if answer.endswith((".", "?")) else answer + "."
 
 
+def story_chats(text: str) -> list[list[dict[str, Any]]]:
+    """A world story as chats, one per scene: the statements before a question and the question are
+    a user turn, the sentence after it the assistant's answer, and further questions about the same
+    scene further turns. A statement after an answer starts the next chat (a new scene); statements
+    after the last answer are dropped.
+
+    >>> story_chats("a red star. what colour is the star? red. two and two make four.")
+    [[{'role': 'user', 'content': 'a red star. what colour is the star?'}, {'role': 'assistant', 'content': 'red.'}]]
+    """
+    chats: list[list[dict[str, Any]]] = []
+    said: list[str] = []
+    sentences = [s.strip() for s in re.findall(r"[^.?]+[.?]", text)]
+    for previous, sentence in zip([""] + sentences, sentences):
+        if previous.endswith("?"):
+            chats[-1].append({"role": "assistant", "content": sentence})
+        elif sentence.endswith("?"):
+            if said or not chats:
+                chats.append([])
+            chats[-1].append({"role": "user", "content": " ".join(said + [sentence])})
+            said = []
+        else:
+            said.append(sentence)
+    return chats
+
+
 def extra_chats(data_dir: Path) -> list[dict[str, Any]]:
     """Question chats built from the world's train manifests (paths relative to ``chat/``)."""
     rows: list[dict[str, Any]] = []
     images = Path(data_dir) / "images" / "train.jsonl"
     speech = Path(data_dir) / "speech" / "train.jsonl"
     video = Path(data_dir) / "video" / "train.jsonl"
+    stories = Path(data_dir) / "text" / "train.jsonl"
     spoken: dict[str, list[dict]] = {}
     if speech.is_file():
         for utt in JsonlIndex(speech):
@@ -165,11 +197,33 @@ def extra_chats(data_dir: Path) -> list[dict[str, Any]]:
                     rows.append({"kind": "spoken_qa", "messages": [
                         {"role": "user", "content": [picture, voices[k % len(voices)]]},
                         {"role": "assistant", "content": _sentence(qa["answer"])}]})
+    if stories.is_file():  # reading questions in chat form: the Thinker keeps what stage A taught it
+        for story in JsonlIndex(stories):
+            rows += [{"kind": "text_qa", "messages": messages} for messages in story_chats(story["text"])]
     if video.is_file():
         for clip in JsonlIndex(video):
             part = {"type": "video", "path": f"../video/{clip['video']}"}
             rows.append({"kind": "video_qa", "messages": _chat(part, clip["question"], _sentence(clip["answer"]))})
     return rows
+
+
+def mix(rows: list[dict[str, Any]], shares: dict[str, float], total: int, seed: int) -> list[dict[str, Any]]:
+    """``total`` rows drawn kind by kind in proportion to ``shares`` (kinds without a share are left
+    out); each kind's rows are shuffled and cycled, so a rare kind repeats and a common one is sampled."""
+    generator = torch.Generator().manual_seed(seed)
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_kind.setdefault(row["kind"], []).append(row)
+    present = {kind: share for kind, share in shares.items() if by_kind.get(kind)}
+    scale = sum(present.values())
+    mixed = []
+    for kind, share in present.items():
+        pool = by_kind[kind]
+        count = round(total * share / scale)
+        order = torch.cat([torch.randperm(len(pool), generator=generator)
+                           for _ in range(math.ceil(count / len(pool)))])[:count]
+        mixed += [pool[i] for i in order.tolist()]
+    return mixed
 
 
 class ChatSamples(Dataset):
@@ -290,7 +344,8 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
     chat_dir = Path(data_dir) / "chat"
     store: dict = {}
     cache = not model.cfg.sft_train_encoders
-    train_rows = chat_rows(data_dir, "train") + extra_chats(data_dir)
+    rows_seen = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum
+    train_rows = mix(chat_rows(data_dir, "train") + extra_chats(data_dir), MIXTURE, rows_seen, train_cfg.seed)
     train_data = ChatSamples(train_rows, chat_dir, model, cache, store)
     val_data = ChatSamples(chat_rows(data_dir, "val"), chat_dir, model, cache, store) \
         if (chat_dir / "val.jsonl").is_file() else None
