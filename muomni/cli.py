@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=None, help="timed steps (default: by benchmark)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    bench.add_argument("--data", default="data/world", help="bench train: the world the stage reads")
+    bench.add_argument("--runs", default=None, help="bench train: trained earlier stages (default: runs/<preset>)")
     bench.add_argument("--out", default=None, help="also write the JSON here")
 
     plan = sub.add_parser("plan", help="analytic memory plan of a preset against a GPU budget")

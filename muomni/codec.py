@@ -325,5 +325,6 @@ class Codec(nn.Module):
         l1 = diff.abs().sum() / denom
         mse = diff.pow(2).sum() / denom
         loss = l1 + mse + self.cfg.commitment_weight * out.commitment
-        metrics = {"recon_l1": float(l1.detach()), "commitment": float(out.commitment.detach()), "n_q": float(out.codes.shape[1])}
+        metrics = {"recon_l1": float(l1.detach()), "commitment": float(out.commitment.detach()),
+                   "n_q": float(out.codes.shape[1]), "tokens": float(mask.sum())}  # mel frames, for the trainer's rate
         return loss, metrics

@@ -26,3 +26,15 @@ def test_unknown_benchmark_is_named():
     args = argparse.Namespace(what="thinkr", preset="tiny", steps=1, device="cpu", out=None, threads=None)
     with pytest.raises(BenchError, match="thinkr"):
         main(args)
+
+
+def test_bench_train_thinker_needs_no_data_and_names_unknown_stages():
+    from muomni.train.bench_train import bench_stage
+    from muomni.train.stages import StageError
+
+    result = bench_stage("thinker", "tiny", steps=1, device="cpu")
+    assert result["runs"]["thinker"]["tokens_per_s"] > 0 and result["plan_gb"]["total"] > 0
+    with pytest.raises(StageError, match="unknown stage 'thinkr'"):
+        bench_stage("thinkr", "tiny", steps=1, device="cpu")
+    with pytest.raises(StageError, match="pass --data"):
+        bench_stage("audio", "tiny", steps=1, device="cpu", data_dir=None)

@@ -59,3 +59,16 @@ def test_the_finished_model_answers_and_speaks(trained):
     row = json.loads((data / "chat" / "test.jsonl").read_text().splitlines()[0])
     text, wave = model.chat(row["messages"][:-1], speak=True, max_new_tokens=4, base_dir=data / "chat")
     assert isinstance(text, str) and wave.dim() == 1
+
+
+@pytest.mark.slow
+def test_bench_train_times_a_stage_with_its_own_code_and_leaves_the_runs_alone(trained):
+    from muomni.train.bench_train import bench_stage
+
+    data, runs = trained
+    before = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*"))
+    result = bench_stage("speech", "tiny", steps=1, device="cpu", data_dir=data, runs_dir=runs)
+    assert set(result["runs"]) == {"speech/codec", "speech/talker"}  # two networks, each timed
+    assert all(run["tokens_per_s"] > 0 and run["step_s"] > 0 for run in result["runs"].values())
+    assert result["peak_memory_gb"] is None and result["plan_gb"]["total"] > 0  # no CUDA here
+    assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*")) == before
