@@ -191,3 +191,17 @@ def test_the_sft_mixture_follows_its_shares_and_repeats_rare_kinds():
     assert Counter(row["kind"] for row in mixed) == {"common": 100, "rare": 100}
     assert Counter(row["i"] for row in mixed if row["kind"] == "rare") == {i: 10 for i in range(10)}  # each rare row 10 times
     assert mixed == mix(rows, {"common": 0.5, "rare": 0.5, "absent": 0.3}, total=200, seed=0)
+
+
+def test_a_part_missing_weights_names_them():
+    import torch.nn as nn
+
+    from muomni.train.stage_sft import load_part
+    from muomni.train.stages import StageError
+
+    old = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3))
+    new = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1))  # grew a layer since
+    state = {f"talker.{k}": v for k, v in old.state_dict().items()}
+    with pytest.raises(StageError, match=r"lack 2\.weight, 2\.bias; retrain"):
+        load_part(new, state, "talker", "runs/speech")
+    load_part(old, state, "talker", "runs/speech")  # complete: loads

@@ -90,6 +90,11 @@ def load_part(module: nn.Module, state: dict[str, torch.Tensor], what: str, sour
                 raise StageError(f"the {what} weights in {source} do not fit this config "
                                  f"({str(error).splitlines()[1].strip()})") from None
             return
+    if prefixes:  # the part is there but incomplete: a checkpoint from an older version of the code
+        prefix = prefixes.most_common(1)[0][0]
+        missing = [name for name in wanted if prefix + name not in state]
+        raise StageError(f"the {what} weights in {source} lack {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}; retrain that stage with this version")
     raise StageError(f"{source} holds no {what} weights (looked for '{probe}')")
 
 
