@@ -211,5 +211,5 @@ class VocoderGAN(nn.Module):
         mel_l1 = F.l1_loss(self.frontend(fake), mel)
         g_loss = adv + 2.0 * fm + self.mel_weight * mel_l1
         metrics = {"d_loss": float(d_loss.detach()), "adv": float(adv.detach()), "fm": float(fm.detach()),
-                   "mel_l1": float(mel_l1.detach())}
+                   "mel_l1": float(mel_l1.detach()), "tokens": float(mel.shape[0] * mel.shape[-1])}  # mel frames
         return d_loss + g_loss, metrics

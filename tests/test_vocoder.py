@@ -82,7 +82,7 @@ def test_hifigan_shapes_and_losses():
     mel = gan.frontend(wave)
     loss, metrics = gan.loss(mel, wave)
     loss.backward()
-    assert set(metrics) == {"d_loss", "adv", "fm", "mel_l1"}
+    assert set(metrics) == {"d_loss", "adv", "fm", "mel_l1", "tokens"}  # tokens: mel frames, for the rate
     assert all(p.grad is not None for p in gan.generator.parameters())
     assert all(p.grad is not None for p in gan.discriminators.parameters())
 
