@@ -21,7 +21,6 @@ The pipeline, with the tensor shapes at each step (``cfg`` is an `AudioConfig`):
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 import torchaudio
 
 from muomni.config import AudioConfig
+from muomni.data.language import normalize_transcript  # noqa: F401  transcripts into the CTC alphabet, before encode_text
 from muomni.layers import RotaryEmbedding, Transformer
 
 SILENCE_PEAK = 1e-3  # a peak below -60 dBFS holds no usable speech
@@ -315,11 +315,6 @@ def merge_pairs(hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tens
 
 # ----------------------------------------------------------------------------------------------
 # Transcripts, decoding and error rates
-
-
-def normalize_transcript(text: str) -> str:
-    """Lowercase, keep a-z, apostrophes and single spaces: the alphabet of the CTC head."""
-    return re.sub(r" +", " ", re.sub(r"[^a-z' ]", " ", text.lower())).strip()
 
 
 def encode_text(text: str, vocab: str) -> list[int]:

@@ -106,13 +106,14 @@ def run_eval(data_dir: Path, runs_dir: Path) -> str:
 
 def pick_samples(data_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     """One held-out chat per sample kind (the first of each kind in ``chat/test.jsonl``)."""
+    from muomni.train.stage_sft import is_video_caption
+
     path = data_dir / "chat" / "test.jsonl"
     picked: dict[str, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
         kind = row["kind"]
-        # a motion question, not a "describe the video" row
-        if kind == "video_qa" and len(row["messages"][-1]["content"].split()) > 2:
+        if is_video_caption(row):  # show a motion question
             continue
         if kind in SAMPLE_KINDS and kind not in picked:
             picked[kind] = row

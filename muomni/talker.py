@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muomni.audio import ctc_loss, encode_text, normalize_transcript
 from muomni.config import CodecConfig, TalkerConfig
 from muomni.layers import KVCache, RotaryEmbedding, Transformer, text_positions
 
@@ -59,10 +60,9 @@ def undelay_codes(delayed: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 def spelling(text: str, chars: str) -> torch.Tensor:
-    """CTC targets ``(n,)`` of ``text``: 1 + the index of each character in ``chars``, lowercased,
-    other characters dropped and runs of spaces collapsed (0 is the CTC blank)."""
-    kept = "".join(c for c in text.lower() if c in chars)
-    return torch.tensor([chars.index(c) + 1 for c in " ".join(kept.split())], dtype=torch.long)
+    """CTC targets ``(n,)`` of ``text`` as the AuT spells transcripts: normalised (lowercase a-z,
+    apostrophe, single spaces), then 1 + the index of each character in ``chars`` (0 is the blank)."""
+    return torch.tensor(encode_text(normalize_transcript(text), chars), dtype=torch.long)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
@@ -173,14 +173,12 @@ class Talker(nn.Module):
         """CTC of ``texts`` against the spelling head on ``states`` ``(batch, steps, d_model)``; each row
         reads its speech steps (those with a target, up to and including the end-of-speech step)."""
         batch, steps, _ = states.shape
-        slots, classes = self.cfg.spell_slots, len(self.cfg.spell_chars) + 1
-        log_probs = self.spell(states).view(batch, steps * slots, classes).log_softmax(-1)
+        slots = self.cfg.spell_slots
+        logits = self.spell(states).view(batch, steps * slots, len(self.cfg.spell_chars) + 1)
         spoken = (targets != -100).any(dim=1).sum(dim=-1) * slots  # (batch,)
         letters = [spelling(text, self.cfg.spell_chars) for text in texts]
-        flat = torch.cat(letters).to(states.device)
         lengths = torch.tensor([len(x) for x in letters], device=states.device)
-        # zero_infinity: a text too long for its speech gives no gradient instead of inf
-        return F.ctc_loss(log_probs.transpose(0, 1), flat, spoken, lengths, zero_infinity=True)
+        return ctc_loss(logits, spoken, torch.cat(letters).to(states.device), lengths)
 
     def loss(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor,
              inputs: torch.Tensor, targets: torch.Tensor, voices: torch.Tensor | None = None,

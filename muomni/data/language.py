@@ -48,6 +48,11 @@ RELATIONS = {
 }
 
 
+def as_sentence(answer: str) -> str:
+    """An answer as the assistant says it: ending in a full stop unless it already ends a sentence."""
+    return answer if answer.endswith((".", "?")) else answer + "."
+
+
 def normalize_transcript(text: str) -> str:
     """Text as a CTC target: lowercase a-z, apostrophe and single spaces (punctuation dropped)."""
     text = re.sub(r"[^a-z' ]+", " ", text.lower())

@@ -210,10 +210,6 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
-def _sentence(answer: str) -> str:
-    return answer if answer.endswith((".", "?")) else answer + "."
-
-
 def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[str, str]) -> dict[str, list[dict]]:
     rng, number, out = _rng(cfg, "chat"), 0, {}
     kinds, weights = list(CHAT_KINDS), list(CHAT_KINDS.values())
@@ -240,7 +236,7 @@ def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[s
                 else:
                     comp = split == "comp"
                     qa = L.text_scene_question(S.sample_scene(rng, comp)["objects"], rng, S.allowed_pairs(comp))
-                messages = [{"role": "user", "content": qa["question"]}, _assistant(_sentence(qa["answer"]))]
+                messages = [{"role": "user", "content": qa["question"]}, _assistant(L.as_sentence(qa["answer"]))]
             elif kind in ("image_qa", "speak", "caption"):
                 img = rng.choice(images[split])
                 part = {"type": "image", "path": f"../images/{img['image']}"}
@@ -249,7 +245,7 @@ def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[s
                 else:
                     qa = rng.choice(img["qa"])
                     question = qa["question"] + (" say the answer aloud." if kind == "speak" else "")
-                    messages = [_user(part, question), _assistant(_sentence(qa["answer"]))]
+                    messages = [_user(part, question), _assistant(L.as_sentence(qa["answer"]))]
                     if kind == "speak":
                         chat["answer_audio"] = f"../speech/{assistant_audio[qa['answer']]}"
             elif kind == "transcribe":
@@ -261,12 +257,12 @@ def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[s
                 utt = rng.choice(by_sentence[qa["question"]])
                 messages = [_user({"type": "image", "path": f"../images/{img['image']}"},
                                   {"type": "audio", "path": f"../speech/{utt['audio']}"}),
-                            _assistant(_sentence(qa["answer"]))]
+                            _assistant(L.as_sentence(qa["answer"]))]
             else:  # video_qa
                 clip = rng.choice(clips[split])
                 part = {"type": "video", "path": f"../video/{clip['video']}"}
                 if rng.random() < 0.7:
-                    messages = [_user(part, clip["question"]), _assistant(_sentence(clip["answer"]))]
+                    messages = [_user(part, clip["question"]), _assistant(L.as_sentence(clip["answer"]))]
                 else:
                     messages = [_user(part, rng.choice(VIDEO_PROMPTS)), _assistant(clip["caption"])]
             chat["messages"] = messages

@@ -37,6 +37,7 @@ from muomni.audio import cer, load_audio
 from muomni.checkpoint import CheckpointError, load_checkpoint
 from muomni.config import OmniConfig, TrainConfig, from_dict
 from muomni.data.index import JsonlIndex
+from muomni.data.language import as_sentence
 from muomni.omni import Media, OmniModel, expand_sequence, media_parts, shift_targets
 from muomni.thinker import IGNORE_INDEX, linear_cross_entropy
 from muomni.tokenizer import Tokenizer
@@ -150,10 +151,6 @@ def _chat(media: dict[str, Any] | None, question: str, answer: str) -> list[dict
     return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
 
 
-def _sentence(answer: str) -> str:
-    return answer if answer.endswith((".", "?")) else answer + "."
-
-
 def story_chats(text: str) -> list[list[dict[str, Any]]]:
     """A world story as chats, one per scene: the statements before a question and the question are
     a user turn, the sentence after it the assistant's answer, and further questions about the same
@@ -196,19 +193,19 @@ def extra_chats(data_dir: Path) -> list[dict[str, Any]]:
         for img in JsonlIndex(images):
             picture = {"type": "image", "path": f"../images/{img['image']}"}
             for k, qa in enumerate(img.get("qa", [])):
-                rows.append({"kind": "image_qa", "messages": _chat(picture, qa["question"], _sentence(qa["answer"]))})
+                rows.append({"kind": "image_qa", "messages": _chat(picture, qa["question"], as_sentence(qa["answer"]))})
                 voices = spoken.get(qa["question"])
                 if voices:
                     rows.append({"kind": "spoken_qa", "messages": [
                         {"role": "user", "content": [picture, voices[k % len(voices)]]},
-                        {"role": "assistant", "content": _sentence(qa["answer"])}]})
+                        {"role": "assistant", "content": as_sentence(qa["answer"])}]})
     if stories.is_file():  # reading questions in chat form: the Thinker keeps what stage A taught it
         for story in JsonlIndex(stories):
             rows += [{"kind": "text_qa", "messages": messages} for messages in story_chats(story["text"])]
     if video.is_file():
         for clip in JsonlIndex(video):
             part = {"type": "video", "path": f"../video/{clip['video']}"}
-            rows.append({"kind": "video_qa", "messages": _chat(part, clip["question"], _sentence(clip["answer"]))})
+            rows.append({"kind": "video_qa", "messages": _chat(part, clip["question"], as_sentence(clip["answer"]))})
     return rows
 
 
@@ -363,6 +360,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9' ]", " ", text.lower()).split())
 
 
+def is_video_caption(row: dict[str, Any]) -> bool:
+    """A "describe the video" row (its answer is a sentence), not a one- or two-word motion question."""
+    return row["kind"] == "video_qa" and len(normalize_answer(row["messages"][-1]["content"]).split()) > 2
+
+
 def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, float]:
     """Accuracy per question kind, caption exact match, transcription CER, and counts."""
     right: Counter = Counter()
@@ -370,9 +372,7 @@ def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, float]:
     references, hypotheses = [], []
     for row, answer in zip(rows, answers):
         reference = row["messages"][-1]["content"]
-        kind = row["kind"]
-        if kind == "video_qa" and len(normalize_answer(reference).split()) > 2:
-            kind = "video_caption"  # "describe the video" rows: a sentence, not a one-word answer
+        kind = "video_caption" if is_video_caption(row) else row["kind"]
         if kind == "transcribe":
             references.append(normalize_answer(reference))
             hypotheses.append(normalize_answer(answer))
