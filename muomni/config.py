@@ -143,6 +143,11 @@ class TalkerConfig(TransformerConfig):
     spell_weight: float = 0.5
     spell_chars: str = " abcdefghijklmnopqrstuvwxyz'"  # characters spelled; others are dropped (blank is 0)
     spell_slots: int = 4  # characters per code frame the head may emit: letters come faster than 12.5 Hz
+    # Alignment: each code step also reads the token spoken at its frame, with how many of the
+    # token's frames have passed and are left. Durations come from forced alignment in training and
+    # from the duration head when speaking.
+    duration_weight: float = 1.0  # weight of the duration head's loss (squared error of log(1 + frames))
+    max_span: int = 24  # frame counts above this share one embedding (24 frames = 1.9 s)
 
 
 @dataclass

@@ -459,12 +459,17 @@ class OmniModel(nn.Module):
         return hidden, embeds, mask
 
     def talker_loss(self, hiddens: Sequence[torch.Tensor], ids: Sequence[torch.Tensor],
-                    codes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Mean code cross-entropy of the Talker speaking each answer: its states, ids and codes ``(n_q, frames)``."""
+                    codes: Sequence[torch.Tensor], durations: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The Talker's loss speaking each answer: its states ``(n_i, d_model)``, ids ``(n_i,)``,
+        codes ``(n_q, frames_i)`` and frames per token ``(n_i,)`` (see `muomni.align`)."""
         hidden, embeds, mask = self.talker_conditioning(hiddens, ids)
         inputs, targets = self.talker.make_batch([c.cpu() for c in codes])
+        frames = torch.zeros(mask.shape, dtype=torch.long, device=self.device)
+        for row, d in enumerate(durations):
+            frames[row, mask.shape[1] - len(d):] = d.to(self.device)  # left-padded like the text
         texts = [self.tokenizer_or_fail().decode(i.tolist()) for i in ids]
-        loss, _ = self.talker.loss(hidden, embeds, mask, inputs.to(self.device), targets.to(self.device), texts=texts)
+        loss, _ = self.talker.loss(hidden, embeds, mask, inputs.to(self.device), targets.to(self.device), frames,
+                                   texts=texts)
         return loss
 
     @torch.no_grad()

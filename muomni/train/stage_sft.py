@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from muomni.audio import cer, load_audio
+from muomni.align import align_tokens
+from muomni.audio import LogMel, cer, load_audio
 from muomni.checkpoint import CheckpointError, load_checkpoint
 from muomni.config import OmniConfig, TrainConfig, from_dict
 from muomni.data.index import JsonlIndex
@@ -232,7 +233,7 @@ class ChatSamples(Dataset):
     """Chats as expanded token sequences with their media (one row = one chat, media kept with it).
 
     ``[i]`` -> ``{"ids", "targets", "positions" (3, seq), "media": [Media], "speak": (start, end,
-    codes) or None}``. With ``cache`` (frozen encoders) each media file is encoded once and
+    codes, durations) or None}``. With ``cache`` (frozen encoders) each media file is encoded once and
     reused; otherwise `Media.raw` travels to the loss, where the encoders run with gradients.
     """
 
@@ -240,6 +241,7 @@ class ChatSamples(Dataset):
                  store: dict | None = None):
         self.rows, self.base_dir, self.model, self.cache = rows, Path(base_dir), model, cache
         self.store = {} if store is None else store  # shared between train and val
+        self.aut_frontend = LogMel(model.cfg.audio)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -256,13 +258,17 @@ class ChatSamples(Dataset):
             self.store[key] = item
         return item
 
-    def _codes(self, path: str) -> torch.Tensor:
-        key = ("codes", str((self.base_dir / path).resolve()))
+    def _speech(self, path: str, token_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codec codes ``(n_codebooks, code_frames)`` of a spoken answer and its frames per token
+        ``(tokens,)``, force-aligned by the AuT (`muomni.align`)."""
+        key = ("speech", str((self.base_dir / path).resolve()))
         if key not in self.store:
             wave = load_audio(self.base_dir / path, self.model.cfg.codec.sample_rate)
             with torch.no_grad():
                 mel = self.model.codec.frontend(wave[None].to(self.model.device))
-                self.store[key] = self.model.codec.encode(mel)[0].cpu()  # (n_codebooks, code_frames)
+                codes = self.model.codec.encode(mel)[0].cpu()
+            durations = align_tokens(self.model.audio, self.aut_frontend, [wave], [token_texts], [codes.shape[1]])[0]
+            self.store[key] = (codes, durations)
         return self.store[key]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -278,7 +284,7 @@ class ChatSamples(Dataset):
             start = end
             while start > 0 and mask[start - 1]:
                 start -= 1
-            speak = (start, end, self._codes(row["answer_audio"]))
+            speak = (start, end, *self._speech(row["answer_audio"], [tokenizer.decode([t]) for t in ids[start:end]]))
         return {"ids": ids, "targets": shift_targets(ids, mask), "positions": positions,
                 "media": media, "speak": speak, "id": row.get("id", str(i))}
 
@@ -319,9 +325,10 @@ def loss_fn(model: OmniModel, batch: dict[str, Any]) -> tuple[torch.Tensor, dict
     spoken = [(row, s) for row, s in enumerate(batch["speak"]) if s is not None]
     if spoken:
         talker_loss = model.talker_loss(
-            [hidden[row, start:end].detach() for row, (start, end, _) in spoken],
-            [batch["input_ids"][row, start:end] for row, (start, end, _) in spoken],
-            [codes.to(hidden.device) for _, (_, _, codes) in spoken])
+            [hidden[row, start:end].detach() for row, (start, end, _, _) in spoken],
+            [batch["input_ids"][row, start:end] for row, (start, end, _, _) in spoken],
+            [codes.to(hidden.device) for _, (_, _, codes, _) in spoken],
+            [durations for _, (_, _, _, durations) in spoken])
         loss = loss + TALKER_WEIGHT * talker_loss
         metrics["talker_loss"] = float(talker_loss.detach())
     return loss, metrics

@@ -7,7 +7,9 @@
    run through the frozen Thinker (stage A); the hidden states and token embeddings of the
    answer's tokens are the prefix the Talker speaks from, the same
    states it gets from the Thinker's answers later (`speech_condition`). A voice token names the
-   utterance's voice (the assistant's is the default). Loss: code cross-entropy.
+   utterance's voice (the assistant's is the default). The stage-B AuT force-aligns each utterance
+   to its tokens (`muomni.align`), which gives the frames each token lasts. Loss: code
+   cross-entropy + the duration head's error + the spelling CTC (`muomni.talker.Talker.loss`).
 
 Evaluation on held-out sentences (``test``: training voices, new sentences; ``comp``: held-out
 voices): the character error rate (CER) of the stage-B AuT on the original eSpeak audio, on the
@@ -31,7 +33,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from muomni.audio import LogMel, cer, load_audio, transcribe
+from muomni.align import align_tokens
+from muomni.audio import AuT, LogMel, cer, load_audio, transcribe
 from muomni.checkpoint import load_checkpoint
 from muomni.codec import Codec, MelFrontend, utilisation
 from muomni.config import (ConfigError, OmniConfig, TrainConfig, apply_overrides, from_dict,
@@ -117,23 +120,35 @@ def collate_mels(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"mel": mels, "frames": frames}
 
 
+def answer_tokens(tokenizer: Tokenizer, sentence: str) -> tuple[list[int], list[bool]]:
+    """Ids of ``<|im_start|>assistant\\n{sentence}<|im_end|>`` and which of them the Talker speaks
+    from: the answer's tokens as the Thinker writes them (generation stops before feeding
+    ``<|im_end|>`` back)."""
+    ids, keep = tokenizer.encode_chat([{"role": "assistant", "content": sentence}])
+    return ids, keep[:-1] + [False]
+
+
+def spoken_token_texts(tokenizer: Tokenizer, sentence: str) -> list[str]:
+    """The text of each token the Talker speaks ``sentence`` from (see `answer_tokens`)."""
+    ids, keep = answer_tokens(tokenizer, sentence)
+    return [tokenizer.decode([i]) for i, k in zip(ids, keep) if k]
+
+
 @torch.no_grad()
 def speech_condition(thinker: Thinker, tokenizer: Tokenizer, sentences: list[str],
                      batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sentence, the frozen Thinker's (hidden states, token embeddings), each ``(tokens, d_model)``,
-    over the content tokens of ``<|im_start|>assistant\\n{sentence}<|im_end|>``: the states the Thinker
-    has at each token of an answer it writes (`muomni.omni.OmniModel.speak_tokens` reads the same)."""
+    over the tokens `answer_tokens` picks: the states the Thinker has at each token of an answer it
+    writes (`muomni.omni.OmniModel.speak_tokens` reads the same)."""
     device = next(thinker.parameters()).device
     out = []
     for start in range(0, len(sentences), batch_size):
-        encoded = [tokenizer.encode_chat([{"role": "assistant", "content": s}])
-                   for s in sentences[start : start + batch_size]]
+        encoded = [answer_tokens(tokenizer, s) for s in sentences[start : start + batch_size]]
         ids, mask = pad([torch.tensor(e[0]) for e in encoded], tokenizer.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         hidden = thinker(input_ids=ids, attention_mask=mask).hidden
         embeds = thinker.embed(ids)
         for row, (_, keep) in enumerate(encoded):
-            keep = keep[:-1] + [False]  # content tokens only: generation stops before feeding <|im_end|> back
             sel = torch.tensor(keep + [False] * (ids.shape[1] - len(keep)), device=device)
             out.append((hidden[row, sel].float().cpu(), embeds[row, sel].float().cpu()))
     return out
@@ -148,21 +163,29 @@ def voice_list(utts: list[dict]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def utterance_durations(aut: AuT, tokenizer: Tokenizer, utts: list[dict], codes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Frames per spoken token ``(tokens_i,)`` of each utterance (with ``wave``), force-aligned by
+    the AuT; ``codes`` ``(n_q, frames_i)`` give each utterance's code frames."""
+    return align_tokens(aut, LogMel(aut.cfg), [u["wave"] for u in utts],
+                        [spoken_token_texts(tokenizer, u["sentence"]) for u in utts], [c.shape[1] for c in codes])
+
+
 class SpokenTexts(Dataset):
-    """(Thinker conditioning, voice, codec codes, text): ``hidden``/``embeds`` ``(tokens, d)``,
-    ``voice`` (an index into the Talker's voices), ``codes`` ``(n_q, frames)``, ``text`` (the sentence,
-    for the Talker's spelling loss)."""
+    """(Thinker conditioning, voice, codec codes, durations, text): ``hidden``/``embeds``
+    ``(tokens, d)``, ``voice`` (an index into the Talker's voices), ``codes`` ``(n_q, frames)``,
+    ``durations`` ``(tokens,)`` (code frames per token), ``text`` (the sentence, for the Talker's
+    spelling loss)."""
 
     def __init__(self, conds: list[tuple[torch.Tensor, torch.Tensor]], voices: list[int], codes: list[torch.Tensor],
-                 texts: list[str]):
-        self.conds, self.voices, self.codes, self.texts = conds, voices, codes, texts
+                 durations: list[torch.Tensor], texts: list[str]):
+        self.conds, self.voices, self.codes, self.durations, self.texts = conds, voices, codes, durations, texts
 
     def __len__(self) -> int:
         return len(self.codes)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"hidden": self.conds[i][0], "embeds": self.conds[i][1], "voice": self.voices[i],
-                "codes": self.codes[i], "text": self.texts[i]}
+                "codes": self.codes[i], "durations": self.durations[i], "text": self.texts[i]}
 
 
 def talker_collate(talker: Talker):
@@ -171,9 +194,11 @@ def talker_collate(talker: Talker):
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         hidden, cond_mask = pad([it["hidden"] for it in items], 0.0, side="left")
         embeds, _ = pad([it["embeds"] for it in items], 0.0, side="left")
+        durations, _ = pad([it["durations"] for it in items], 0, side="left")
         inputs, targets = talker.make_batch([it["codes"] for it in items])
         return {"hidden": hidden, "embeds": embeds, "cond_mask": cond_mask, "inputs": inputs, "targets": targets,
-                "voices": torch.tensor([it["voice"] for it in items]), "texts": [it["text"] for it in items]}
+                "durations": durations, "voices": torch.tensor([it["voice"] for it in items]),
+                "texts": [it["text"] for it in items]}
 
     return collate
 
@@ -229,13 +254,14 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
     codec_train = apply_overrides(CODEC_TRAIN_DEFAULTS[preset], codec_items)
     runs_dir, stage_dir = Path(runs_dir), Path(runs_dir) / STAGE
     thinker, tokenizer = load_thinker(stage_checkpoint(runs_dir, "thinker"))  # fails early if stage A is missing
+    aut = load_aut(stage_checkpoint(runs_dir, "audio"))  # ... or stage B: it aligns text to speech
     if thinker.cfg.d_model != omni.thinker.d_model:
         omni = dataclasses.replace(omni, thinker=thinker.cfg)
 
     started = time.time()
     frontend = MelFrontend(omni.codec)
-    train_utts = load_utterances(data_dir, "train", frontend)
-    val_utts = load_utterances(data_dir, "val", frontend)
+    train_utts = load_utterances(data_dir, "train", frontend, keep_wave=True)
+    val_utts = load_utterances(data_dir, "val", frontend, keep_wave=True)
 
     # 1. the codec
     if not (resume and is_finished(stage_dir, "codec")):
@@ -256,11 +282,12 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
         codes = [codec.encode(u["mel"][None])[0] for u in utts]
         voices = [omni.talker.voices.index(u["voice"]) if u.get("voice") in omni.talker.voices else 0 for u in utts]
         sentences = [u["sentence"] for u in utts]
-        return SpokenTexts(speech_condition(thinker, tokenizer, sentences), voices, codes, sentences)
+        return SpokenTexts(speech_condition(thinker, tokenizer, sentences), voices, codes,
+                           utterance_durations(aut, tokenizer, utts, codes), sentences)
 
     run_stage(f"{STAGE}/talker", runs_dir, talker, omni, talker_train, spoken(train_utts), talker_collate(talker),
-              lambda model, batch: model.loss(batch["hidden"], batch["embeds"], batch["cond_mask"],
-                                              batch["inputs"], batch["targets"], batch["voices"], batch["texts"]),
+              lambda model, batch: model.loss(batch["hidden"], batch["embeds"], batch["cond_mask"], batch["inputs"],
+                                              batch["targets"], batch["durations"], batch["voices"], batch["texts"]),
               val_data=spoken(val_utts), resume=resume, preset=preset)
 
     summary = {"stage": STAGE, "preset": preset, "model": to_dict(omni), "train": to_dict(talker_train),
