@@ -7,8 +7,9 @@ is reported next to the `memory_plan` estimate, so the plan can be checked again
 
 - ``thinker`` needs no data: it trains on random tokens at the stage's batch and sequence length.
 - the other stages read the world (``--data``) and, where they build on earlier stages, the trained
-  stages of ``--runs`` (stage sft needs A–D, vision and speech need the thinker's tokenizer). The
-  run goes to a temporary directory that links to those stages, so nothing in ``--runs`` changes.
+  stages of ``--runs`` (stage sft needs A–D, vision the thinker's tokenizer, speech the thinker and
+  the AuT that aligns its speech). The run goes to a temporary directory that links to those
+  stages, so nothing in ``--runs`` changes.
 
 Prints (and optionally writes) JSON: one entry per trained network (stage speech trains the codec
 and then the Talker).
