@@ -44,6 +44,7 @@ from muomni.audio import AuT, LogMel, conv_output_lengths, load_audio, merge_pai
 from muomni.codec import LOG_FLOOR, Codec
 from muomni.checkpoint import load_checkpoint, resolve, save_checkpoint
 from muomni.config import OmniConfig, from_dict
+from muomni.data.collate import pad
 from muomni.projector import Projector
 from muomni.talker import Talker
 from muomni.thinker import IGNORE_INDEX, Thinker, sample
@@ -464,9 +465,7 @@ class OmniModel(nn.Module):
         codes ``(n_q, frames_i)`` and frames per token ``(n_i,)`` (see `muomni.align`)."""
         hidden, embeds, mask = self.talker_conditioning(hiddens, ids)
         inputs, targets = self.talker.make_batch([c.cpu() for c in codes])
-        frames = torch.zeros(mask.shape, dtype=torch.long, device=self.device)
-        for row, d in enumerate(durations):
-            frames[row, mask.shape[1] - len(d):] = d.to(self.device)  # left-padded like the text
+        frames, _ = pad([d.to(self.device) for d in durations], 0, side="left")  # left-padded like the text
         texts = [self.tokenizer_or_fail().decode(i.tolist()) for i in ids]
         loss, _ = self.talker.loss(hidden, embeds, mask, inputs.to(self.device), targets.to(self.device), frames,
                                    texts=texts)

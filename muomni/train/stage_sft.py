@@ -258,15 +258,16 @@ class ChatSamples(Dataset):
             self.store[key] = item
         return item
 
-    def _speech(self, path: str, token_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _speech(self, path: str, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Codec codes ``(n_codebooks, code_frames)`` of a spoken answer and its frames per token
-        ``(tokens,)``, force-aligned by the AuT (`muomni.align`)."""
+        ``(tokens,)`` for the answer's ``token_ids``, force-aligned by the AuT (`muomni.align`)."""
         key = ("speech", str((self.base_dir / path).resolve()))
         if key not in self.store:
             wave = load_audio(self.base_dir / path, self.model.cfg.codec.sample_rate)
             with torch.no_grad():
                 mel = self.model.codec.frontend(wave[None].to(self.model.device))
                 codes = self.model.codec.encode(mel)[0].cpu()
+            token_texts = [self.model.tokenizer_or_fail().decode([t]) for t in token_ids]
             durations = align_tokens(self.model.audio, self.aut_frontend, [wave], [token_texts], [codes.shape[1]])[0]
             self.store[key] = (codes, durations)
         return self.store[key]
@@ -284,7 +285,7 @@ class ChatSamples(Dataset):
             start = end
             while start > 0 and mask[start - 1]:
                 start -= 1
-            speak = (start, end, *self._speech(row["answer_audio"], [tokenizer.decode([t]) for t in ids[start:end]]))
+            speak = (start, end, *self._speech(row["answer_audio"], ids[start:end]))
         return {"ids": ids, "targets": shift_targets(ids, mask), "positions": positions,
                 "media": media, "speak": speak, "id": row.get("id", str(i))}
 
