@@ -64,7 +64,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def bench_thinker(preset_name: str, device: torch.device, steps: int = 3, rounds: int = 3,
+def bench_thinker(preset_name: str, device: torch.device, steps: int = 3, rounds: int = 5,
                   batch: int = TRAIN_BATCH, seq: int = TRAIN_SEQ, prompt_len: int = PROMPT_LEN,
                   new_tokens: int = NEW_TOKENS) -> dict:
     """Time both models in ``rounds`` alternating rounds of ``steps`` training steps and one generation."""

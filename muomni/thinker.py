@@ -310,7 +310,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss and both gradients chunk by chunk; backward only scales them."""
+    """Forward computes the loss and both gradients chunk by chunk; backward hands them on (scaled by
+    the incoming gradient when that is not 1)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -331,12 +332,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h_chunk, rows, cols = h[start:stop], torch.arange(stop - start, device=h.device), targets[start:stop]
                 logits = _matmul(h_chunk, w.t(), buffer[: stop - start])  # (chunk, vocab)
                 target_logit = logits[rows, cols]
-                row_max, argmax = logits.max(dim=-1)
+                row_max = logits.amax(dim=-1)  # values only: several times faster than max() with indices
                 probs = torch.softmax(logits, dim=-1, out=logits)  # in place: no second buffer
                 # loss = logsumexp - target logit, and logsumexp = max - log(probability of the max):
                 # that probability is at least 1/vocab, so unlike the target's it never underflows.
-                losses[start:stop] = row_max - probs[rows, argmax].log() - target_logit
-                # d(sum of losses)/d(logits) = softmax - one-hot; the 1/n comes in backward.
+                losses[start:stop] = row_max - probs.amax(dim=-1).log() - target_logit
+                # d(sum of losses)/d(logits) = softmax - one-hot; the 1/n of the mean comes after the loop.
                 grad = probs
                 grad[rows, cols] -= 1.0
                 grad = grad.to(dtype)
@@ -344,17 +345,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     _matmul(grad, w, grad_hidden[start:stop])
                 if need_weight:
                     _matmul(grad.t(), h_chunk, grad_weight, accumulate=start > 0)
+            # Scaled here, once, for the mean: a plain ``loss.backward()`` then needs no further pass.
+            if need_hidden:
+                grad_hidden.div_(n)
+            if need_weight:
+                grad_weight.div_(n)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.n, ctx.dtypes = n, (hidden.dtype, weight.dtype)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         return losses.sum() / n
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output / ctx.n
-        grad_hidden = (grad_hidden * scale).to(ctx.dtypes[0]) if grad_hidden is not None else None
-        grad_weight = (grad_weight * scale).to(ctx.dtypes[1]) if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None
+        unit = bool(grad_output == 1)  # the usual case: the loss itself is differentiated
+        grads = []
+        for grad, dtype in zip((grad_hidden, grad_weight), ctx.dtypes):
+            if grad is not None:
+                grad = (grad if unit else grad * grad_output).to(dtype)
+            grads.append(grad)
+        return grads[0], grads[1], None, None
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:

@@ -68,7 +68,8 @@ def test_loss_equals_hugging_face_llama():
 
 @pytest.mark.parametrize("chunk_size", [5, 1024])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_fused_loss_and_gradients_equal_plain_cross_entropy(chunk_size, tied):
+@pytest.mark.parametrize("scale", [1.0, 0.5], ids=["loss", "scaled-loss"])
+def test_fused_loss_and_gradients_equal_plain_cross_entropy(chunk_size, tied, scale):
     model = make_thinker(tie_embeddings=tied).train()
     ids = torch.randint(0, CFG.vocab_size, (3, 9))
     targets = torch.randint(0, CFG.vocab_size, (3, 9))
@@ -77,7 +78,7 @@ def test_fused_loss_and_gradients_equal_plain_cross_entropy(chunk_size, tied):
     def gradients(loss_fn):
         model.zero_grad()
         loss = loss_fn()
-        loss.backward()
+        (scale * loss).backward()  # a weighted loss hands backward an incoming gradient other than 1
         return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
     def fused():
