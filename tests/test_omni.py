@@ -205,3 +205,20 @@ def test_a_part_missing_weights_names_them():
     with pytest.raises(StageError, match=r"lack 2\.weight, 2\.bias; retrain"):
         load_part(new, state, "talker", "runs/speech")
     load_part(old, state, "talker", "runs/speech")  # complete: loads
+
+
+def test_scores_count_each_chat_kind_and_each_image_question_kind():
+    from muomni.train.stage_sft import score
+
+    def row(kind, answer, question_kind=None):
+        chat = {"kind": kind, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]}
+        return {**chat, "question_kind": question_kind} if question_kind else chat
+
+    rows = [row("image_qa", "red.", "colour"), row("image_qa", "top left.", "position"),
+            row("image_qa", "bottom.", "position"), row("video_qa", "left.", "motion"),
+            row("transcribe", "a red star.")]
+    metrics = score(rows, ["Red", "top left.", "top.", "right.", "a red star."])
+    assert metrics["image_qa_acc"] == pytest.approx(2 / 3) and metrics["n_image_qa"] == 3
+    assert metrics["image_qa_by_question"] == {"colour": 1.0, "position": 0.5}
+    assert metrics["video_qa_acc"] == 0.0 and metrics["transcribe_cer"] == 0.0
+    assert "image_qa_by_question" not in score(rows[3:], ["left.", "a red star."])

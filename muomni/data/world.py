@@ -19,14 +19,16 @@ Layout of the world directory (default `data/world/`)::
     video/{train,val,test,comp}.jsonl   {"id", "video": "clips/000001.mp4", "frames", "fps", "question",
                                          "answer", "caption", "motion": {...}}
     video/clips/*.mp4 (or *.gif)        `frames` RGB frames at `fps`; GIF when FFmpeg is unavailable
-    chat/{train,val,test,comp}.jsonl    {"id", "kind", "messages": [...], "speak": bool,
-                                         "answer_audio": "../speech/wav/..." (only when speak)}
+    chat/{train,val,test,comp}.jsonl    {"id", "kind", "question_kind" (questions only), "messages": [...],
+                                         "speak": bool, "answer_audio": "../speech/wav/..." (only when speak)}
 
 Paths inside a manifest are relative to the manifest's directory (chat parts point at
 `../images/png/...`). Speech `text` is the CTC transcript (lowercase a-z, space, apostrophe);
 `sentence` is the punctuated sentence that was spoken. Chat kinds: text_qa, image_qa, caption,
 transcribe, spoken_qa (audio question about an image), video_qa, speak ("say the answer aloud":
-the answer is also in `answer_audio`, spoken by the one assistant voice `speech.ASSISTANT`).
+the answer is also in `answer_audio`, spoken by the one assistant voice `speech.ASSISTANT`). A
+question's `question_kind` says what it asks (colour, shape, size, count, position, exist, relation,
+fact, motion), so evaluation can say which skills a model lacks.
 
 Splits: train/val/test by seed; `comp` is compositional: its scenes and clips contain colour-shape
 pairs (`scenes.HELD_OUT_PAIRS`) and its speech uses voices (`speech.HELD_OUT_VOICES`) that never occur
@@ -237,6 +239,7 @@ def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[s
                     comp = split == "comp"
                     qa = L.text_scene_question(S.sample_scene(rng, comp)["objects"], rng, S.allowed_pairs(comp))
                 messages = [{"role": "user", "content": qa["question"]}, _assistant(L.as_sentence(qa["answer"]))]
+                chat["question_kind"] = qa["kind"]
             elif kind in ("image_qa", "speak", "caption"):
                 img = rng.choice(images[split])
                 part = {"type": "image", "path": f"../images/{img['image']}"}
@@ -246,6 +249,7 @@ def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[s
                     qa = rng.choice(img["qa"])
                     question = qa["question"] + (" say the answer aloud." if kind == "speak" else "")
                     messages = [_user(part, question), _assistant(L.as_sentence(qa["answer"]))]
+                    chat["question_kind"] = qa["kind"]
                     if kind == "speak":
                         chat["answer_audio"] = f"../speech/{assistant_audio[qa['answer']]}"
             elif kind == "transcribe":
@@ -258,16 +262,19 @@ def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[s
                 messages = [_user({"type": "image", "path": f"../images/{img['image']}"},
                                   {"type": "audio", "path": f"../speech/{utt['audio']}"}),
                             _assistant(L.as_sentence(qa["answer"]))]
+                chat["question_kind"] = qa["kind"]
             else:  # video_qa
                 clip = rng.choice(clips[split])
                 part = {"type": "video", "path": f"../video/{clip['video']}"}
                 if rng.random() < 0.7:
                     messages = [_user(part, clip["question"]), _assistant(L.as_sentence(clip["answer"]))]
+                    chat["question_kind"] = "motion"
                 else:
                     messages = [_user(part, rng.choice(VIDEO_PROMPTS)), _assistant(clip["caption"])]
             chat["messages"] = messages
             chat["speak"] = kind == "speak"
-            chats.append({k: chat[k] for k in ("id", "kind", "messages", "speak", "answer_audio") if k in chat})
+            chats.append({k: chat[k] for k in ("id", "kind", "question_kind", "messages", "speak", "answer_audio")
+                          if k in chat})
         out[split] = chats
     return out
 

@@ -373,8 +373,9 @@ def is_video_caption(row: dict[str, Any]) -> bool:
     return row["kind"] == "video_qa" and len(normalize_answer(row["messages"][-1]["content"]).split()) > 2
 
 
-def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, float]:
-    """Accuracy per question kind, caption exact match, transcription CER, and counts."""
+def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, Any]:
+    """Accuracy per chat kind, caption exact match, transcription CER, and counts; for image
+    questions also the accuracy per question kind (``image_qa_by_question``: colour, position, ...)."""
     right: Counter = Counter()
     total: Counter = Counter()
     references, hypotheses = [], []
@@ -385,10 +386,18 @@ def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, float]:
             references.append(normalize_answer(reference))
             hypotheses.append(normalize_answer(answer))
             continue
-        total[kind] += 1
-        right[kind] += normalize_answer(answer) == normalize_answer(reference)
-    metrics = {f"{kind}_acc": right[kind] / total[kind] for kind in sorted(total)}
-    metrics.update({f"n_{kind}": float(total[kind]) for kind in sorted(total)})
+        correct = normalize_answer(answer) == normalize_answer(reference)
+        keys = [kind] + ([(kind, row["question_kind"])] if kind == "image_qa" and "question_kind" in row else [])
+        for key in keys:
+            total[key] += 1
+            right[key] += correct
+    kinds = sorted(key for key in total if isinstance(key, str))
+    metrics: dict[str, Any] = {f"{kind}_acc": right[kind] / total[kind] for kind in kinds}
+    by_question = {question: right[("image_qa", question)] / total[("image_qa", question)]
+                   for _, question in sorted(key for key in total if isinstance(key, tuple))}
+    if by_question:
+        metrics["image_qa_by_question"] = by_question
+    metrics.update({f"n_{kind}": float(total[kind]) for kind in kinds})
     if references:
         metrics["transcribe_cer"] = cer(references, hypotheses)
         metrics["n_transcribe"] = float(len(references))
