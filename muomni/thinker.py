@@ -356,14 +356,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
         unit = bool(grad_output == 1)  # the usual case: the loss itself is differentiated
-        grads = []
-        for grad, dtype in zip((grad_hidden, grad_weight), ctx.dtypes):
-            if grad is not None:
-                grad = (grad if unit else grad * grad_output).to(dtype)
-            grads.append(grad)
-        return grads[0], grads[1], None, None
+        grad_hidden, grad_weight = (None if grad is None else (grad if unit else grad * grad_output).to(dtype)
+                                    for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        return grad_hidden, grad_weight, None, None
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:

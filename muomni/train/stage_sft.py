@@ -378,6 +378,8 @@ def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, Any]:
     questions also the accuracy per question kind (``image_qa_by_question``: colour, position, ...)."""
     right: Counter = Counter()
     total: Counter = Counter()
+    question_right: Counter = Counter()  # image questions, by question kind
+    question_total: Counter = Counter()
     references, hypotheses = [], []
     for row, answer in zip(rows, answers):
         reference = row["messages"][-1]["content"]
@@ -387,17 +389,16 @@ def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, Any]:
             hypotheses.append(normalize_answer(answer))
             continue
         correct = normalize_answer(answer) == normalize_answer(reference)
-        keys = [kind] + ([(kind, row["question_kind"])] if kind == "image_qa" and "question_kind" in row else [])
-        for key in keys:
-            total[key] += 1
-            right[key] += correct
-    kinds = sorted(key for key in total if isinstance(key, str))
-    metrics: dict[str, Any] = {f"{kind}_acc": right[kind] / total[kind] for kind in kinds}
-    by_question = {question: right[("image_qa", question)] / total[("image_qa", question)]
-                   for _, question in sorted(key for key in total if isinstance(key, tuple))}
-    if by_question:
-        metrics["image_qa_by_question"] = by_question
-    metrics.update({f"n_{kind}": float(total[kind]) for kind in kinds})
+        total[kind] += 1
+        right[kind] += correct
+        if kind == "image_qa" and "question_kind" in row:
+            question_total[row["question_kind"]] += 1
+            question_right[row["question_kind"]] += correct
+    metrics: dict[str, Any] = {f"{kind}_acc": right[kind] / total[kind] for kind in sorted(total)}
+    if question_total:
+        metrics["image_qa_by_question"] = {question: question_right[question] / question_total[question]
+                                           for question in sorted(question_total)}
+    metrics.update({f"n_{kind}": float(total[kind]) for kind in sorted(total)})
     if references:
         metrics["transcribe_cer"] = cer(references, hypotheses)
         metrics["n_transcribe"] = float(len(references))
