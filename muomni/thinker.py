@@ -66,6 +66,7 @@ class Thinker(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self._head_by_column: tuple[tuple, torch.Tensor] | None = None  # see `_decode_head`
+        self._logits_workspace: torch.Tensor | None = None  # see `head_loss`
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -147,10 +148,31 @@ class Thinker(nn.Module):
         """
         hidden, aux_loss = self.hidden_states(input_ids, inputs_embeds=inputs_embeds,
                                               attention_mask=attention_mask, position_ids=position_ids)
-        loss = linear_cross_entropy(hidden, self.head.weight, targets)
+        loss = self.head_loss(hidden, targets)
         if self.cfg.n_experts > 0:
             loss = loss + self.cfg.moe_aux_weight * aux_loss
         return loss
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head on ``hidden`` ``(..., d_model)`` against ``targets`` ``(...)``.
+
+        Runs `linear_cross_entropy` with a logits workspace that the Thinker keeps between calls:
+        a freshly allocated buffer of this size is handed back to the operating system when freed
+        and faulted in again page by page on the next step, which on a CPU costs more than the
+        arithmetic on it. The workspace holds at most `WORKSPACE_BYTES`, is made on the first
+        training call (evaluation without gradients needs none) and grows with the batch; it is
+        not a parameter or a buffer, so it is never saved.
+        """
+        if not torch.is_grad_enabled():
+            return linear_cross_entropy(hidden, self.head.weight, targets)
+        vocab = self.head.weight.shape[0]
+        rows = min(chunk_rows(vocab, WORKSPACE_BYTES), hidden[..., 0].numel())  # no taller than the batch
+        workspace = self._logits_workspace
+        if (workspace is None or workspace.device != hidden.device or workspace.shape[1] != vocab
+                or workspace.shape[0] < rows):
+            workspace = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+            self._logits_workspace = workspace
+        return linear_cross_entropy(hidden, self.head.weight, targets, workspace=workspace)
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -273,22 +295,34 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 # ----------------------------------------------------------------------------------------------
 # Fused, chunked vocabulary head + cross-entropy
 
-# Logits are formed for at most this many bytes at a time. Below glibc's largest mmap threshold
-# (32 MiB), a freed buffer is reused instead of being handed back to the OS and faulted in again
-# page by page, which on a CPU costs more than the arithmetic on it.
+# Without a workspace, logits are formed for at most this many bytes at a time. Below glibc's
+# largest mmap threshold (32 MiB), a freed buffer is reused instead of being handed back to the OS
+# and faulted in again page by page, which on a CPU costs more than the arithmetic on it.
 CHUNK_BYTES = 32 * 2**20
+# The workspace `Thinker.head_loss` keeps: 1024 tokens of a 32 000-word vocabulary. Chunks this
+# tall keep the head's matmuls near their peak (at 256 rows the logits matmul runs about 20% slower).
+WORKSPACE_BYTES = 128 * 2**20
+
+
+def chunk_rows(vocab: int, max_bytes: int) -> int:
+    """How many rows of fp32 logits fit in ``max_bytes``: a multiple of 64 when large, as matmul
+    kernels work in such blocks."""
+    rows = max(1, (max_bytes - 1) // (4 * vocab))
+    return rows - rows % 64 if rows > 64 else rows
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int | None = None) -> torch.Tensor:
+                         chunk_size: int | None = None, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, ignoring ``-100``.
 
     hidden ``(..., d_model)``, weight ``(vocab, d_model)``, targets ``(...)``. Equal to
     ``F.cross_entropy(F.linear(hidden, weight).flatten(0, -2), targets.flatten())`` but only the
-    logits of ``chunk_size`` tokens exist at a time (default: as many as fit in `CHUNK_BYTES`).
-    When gradients are needed they are computed in the same pass - softmax minus one-hot is
-    already in hand - and kept for the backward pass, so the head costs three matmuls and never
-    stores a ``(tokens, vocab)`` tensor.
+    logits of ``chunk_size`` tokens exist at a time. When gradients are needed they are computed
+    in the same pass - softmax minus one-hot is already in hand - and kept for the backward pass,
+    so the head costs three matmuls and never stores a ``(tokens, vocab)`` tensor.
+
+    ``workspace`` ``(rows, vocab)`` fp32, if given, holds the logits (``chunk_size`` defaults to its
+    rows); otherwise each call allocates chunks of at most `CHUNK_BYTES`.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
@@ -297,11 +331,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         hidden, targets = hidden[keep], targets[keep]  # ignored tokens cost nothing
     if targets.numel() == 0:
         return (hidden.sum() + weight.sum()) * 0.0  # no target: zero loss that still backpropagates
-    if chunk_size is None:  # a multiple of 64 rows when large: matmul kernels work in such blocks
-        rows = max(1, (CHUNK_BYTES - 1) // (4 * weight.shape[0]))
-        chunk_size = rows - rows % 64 if rows > 64 else rows
+    if chunk_size is None:
+        chunk_size = workspace.shape[0] if workspace is not None else chunk_rows(weight.shape[0], CHUNK_BYTES)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, workspace)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
         logits = F.linear(hidden[start:start + chunk_size], weight).float()
@@ -315,7 +348,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_size: int) -> torch.Tensor:
+                chunk_size: int, workspace: torch.Tensor | None) -> torch.Tensor:
         device_type = hidden.device.type
         # Under autocast, do the matmuls in the autocast dtype and the softmax in float32.
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
@@ -326,7 +359,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = torch.empty_like(h) if need_hidden else None
             grad_weight = torch.empty(w.shape, dtype=torch.float32, device=w.device) if need_weight else None
             losses = torch.empty(n, dtype=torch.float32, device=h.device)
-            buffer = torch.empty(min(chunk_size, n), vocab, dtype=torch.float32, device=h.device)
+            height = min(chunk_size, n)
+            if workspace is not None and workspace.shape[0] >= height:
+                buffer = workspace[:height]
+            else:
+                buffer = torch.empty(height, vocab, dtype=torch.float32, device=h.device)
             for start in range(0, n, chunk_size):
                 stop = min(start + chunk_size, n)
                 h_chunk, rows, cols = h[start:stop], torch.arange(stop - start, device=h.device), targets[start:stop]
@@ -359,7 +396,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         unit = bool(grad_output == 1)  # the usual case: the loss itself is differentiated
         grad_hidden, grad_weight = (None if grad is None else (grad if unit else grad * grad_output).to(dtype)
                                     for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes))
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:

@@ -66,10 +66,11 @@ def test_loss_equals_hugging_face_llama():
         torch.testing.assert_close(model.loss(ids, targets), llama(ids, labels=ids).loss, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_size", [5, 1024])
+@pytest.mark.parametrize("chunk_size,workspace_rows", [(5, 0), (1024, 0), (None, 7)],
+                         ids=["chunks", "one-chunk", "workspace"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("scale", [1.0, 0.5], ids=["loss", "scaled-loss"])
-def test_fused_loss_and_gradients_equal_plain_cross_entropy(chunk_size, tied, scale):
+def test_fused_loss_and_gradients_equal_plain_cross_entropy(chunk_size, workspace_rows, tied, scale):
     model = make_thinker(tie_embeddings=tied).train()
     ids = torch.randint(0, CFG.vocab_size, (3, 9))
     targets = torch.randint(0, CFG.vocab_size, (3, 9))
@@ -83,7 +84,8 @@ def test_fused_loss_and_gradients_equal_plain_cross_entropy(chunk_size, tied, sc
 
     def fused():
         hidden, _ = model.hidden_states(ids)
-        return linear_cross_entropy(hidden, model.head.weight, targets, chunk_size=chunk_size)
+        workspace = torch.full((workspace_rows, CFG.vocab_size), float("nan")) if workspace_rows else None
+        return linear_cross_entropy(hidden, model.head.weight, targets, chunk_size=chunk_size, workspace=workspace)
 
     plain_loss, plain = gradients(lambda: F.cross_entropy(model(ids).logits.flatten(0, 1), targets.flatten()))
     fused_loss, ours = gradients(fused)
@@ -92,6 +94,21 @@ def test_fused_loss_and_gradients_equal_plain_cross_entropy(chunk_size, tied, sc
         torch.testing.assert_close(ours[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
     with torch.no_grad():  # the no-grad path gives the same number
         torch.testing.assert_close(model.loss(ids, targets), plain_loss)
+
+
+def test_training_loss_keeps_one_logits_workspace():
+    model = make_thinker().train()
+    ids = torch.randint(0, CFG.vocab_size, (2, 8))
+    with torch.no_grad():
+        model.loss(ids, ids)
+    assert model._logits_workspace is None  # evaluation needs none
+    model.loss(ids, ids).backward()
+    workspace = model._logits_workspace
+    assert workspace.shape == (16, CFG.vocab_size)  # as tall as the batch, below the byte cap
+    model.loss(ids[:1], ids[:1]).backward()
+    assert model._logits_workspace is workspace  # reused by the next, smaller step
+    model.loss(ids.repeat(2, 1), ids.repeat(2, 1)).backward()
+    assert model._logits_workspace.shape == (32, CFG.vocab_size)  # grown for a taller batch
 
 
 def test_loss_with_every_target_ignored_is_zero_and_backpropagates():

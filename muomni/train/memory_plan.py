@@ -81,8 +81,8 @@ def _transformer_part(name: str, cfg: TransformerConfig, extra_params: int, toke
 def _thinker(cfg: OmniConfig, tokens: int, trainable: bool = True) -> Part:
     t = cfg.thinker
     embeddings = t.vocab_size * t.d_model * (1 if t.tie_embeddings else 2)
-    # embedding output (fp32) per token; the chunked head holds one chunk of fp32 logits (at most
-    # 32 MiB) and the head's fp32 gradient, allowed for generously as 1024 x vocab x 8 bytes
+    # embedding output (fp32) per token; the chunked head holds its fp32 logits workspace (at most
+    # 128 MiB, 1024 rows at a 32k vocabulary) and the head's fp32 gradient: 1024 x vocab x 8 bytes
     part = _transformer_part("thinker", t, embeddings, tokens, trainable, 4 * t.d_model)
     if trainable:
         head = 1024 * t.vocab_size * 4 * 2

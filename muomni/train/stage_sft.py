@@ -40,7 +40,7 @@ from muomni.config import OmniConfig, TrainConfig, from_dict
 from muomni.data.index import JsonlIndex
 from muomni.data.language import as_sentence
 from muomni.omni import Media, OmniModel, expand_sequence, media_parts, shift_targets
-from muomni.thinker import IGNORE_INDEX, linear_cross_entropy
+from muomni.thinker import IGNORE_INDEX
 from muomni.tokenizer import Tokenizer
 from muomni.train.stages import StageError, manifest, resolve_configs, run_stage, stage_checkpoint
 
@@ -318,7 +318,7 @@ def loss_fn(model: OmniModel, batch: dict[str, Any]) -> tuple[torch.Tensor, dict
     embeds = model.embed(batch["input_ids"], model.group_media(media))
     hidden, _ = model.thinker.hidden_states(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                             position_ids=batch["position_ids"])
-    text_loss = linear_cross_entropy(hidden, model.thinker.head.weight, batch["targets"])
+    text_loss = model.thinker.head_loss(hidden, batch["targets"])
     loss = text_loss
     metrics = {"text_loss": float(text_loss.detach()),
                "answer_tokens": float((batch["targets"] != IGNORE_INDEX).sum()),
