@@ -6,7 +6,11 @@ built with the same shapes (the reference's head is always untied):
 - training tokens/s: forward + backward + AdamW on batches of 8 x 256 random tokens;
 - greedy decoding tokens/s with the KV cache (and for the Thinker also without it), batch 1,
   a 32-token prompt and 128 new tokens;
-- parameter counts and peak memory (CUDA only).
+- parameter counts and peak memory (CUDA only);
+- the matmul FLOPs of one training step, the rate each model reaches, and the device's measured
+  fp32 matmul peak. Both models do the same matmuls, so ``train_ceiling_vs_reference`` (peak over
+  the reference's rate) is the largest training ratio any implementation could show on this
+  machine: one that spent no time outside its matmuls and ran every one at the peak.
 
 The two models are timed in alternating rounds, so a machine that is busy with other work slows
 both alike, and the fastest round of each is reported (as `timeit` does: it is the round least
@@ -27,11 +31,12 @@ from pathlib import Path
 import torch
 
 from muomni.bench_reference import ReferenceLM
-from muomni.config import preset
+from muomni.config import ThinkerConfig, preset
 from muomni.thinker import Thinker
 
 TRAIN_BATCH, TRAIN_SEQ = 8, 256
 PROMPT_LEN, NEW_TOKENS = 32, 128
+PEAK_MATMUL_SIZE = 2048  # square fp32 matmuls timed for the device's peak
 
 
 class BenchError(ValueError):
@@ -113,6 +118,9 @@ def bench_thinker(preset_name: str, device: torch.device, steps: int = 3, rounds
                 "decode_cached_vs_reference": round(rate["ours_cached"] / rate["reference_cached"], 3),
                 "decode_cached_vs_uncached": round(rate["ours_cached"] / rate["ours_uncached"], 3)}
 
+    flops = train_step_flops(cfg, batch, seq)
+    peak = matmul_peak_gflop_s(device)
+    achieved = {name: flops / min(wall[name]) / 1e9 for name in train}
     result = {
         "preset": preset_name, "device": str(device), "dtype": "float32", "threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -127,11 +135,39 @@ def bench_thinker(preset_name: str, device: torch.device, steps: int = 3, rounds
                     "reference": {"train": rate["reference"], "decode_cached": rate["reference_cached"]}}
             for clock, rate in per_s.items()},
         "ratios": {clock: ratios(rate) for clock, rate in per_s.items()},
+        "utilisation": {
+            "train_step_gflop": round(flops / 1e9, 2),
+            "train_gflop_s": {name: round(rate, 1) for name, rate in achieved.items()},
+            "matmul_peak_gflop_s": round(peak, 1),
+            "train_ceiling_vs_reference": round(peak / achieved["reference"], 3),
+        },
         "rounds": rounds, "train_steps_per_round": steps,
     }
     if device.type == "cuda":
         result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return result
+
+
+def train_step_flops(cfg: ThinkerConfig, batch: int, seq: int) -> int:
+    """Matmul FLOPs of one training step of ``batch`` x ``seq`` tokens (2 per multiply-add).
+
+    Per token and layer: the q/k/v, output, gate/up and down projections, and causal attention's
+    two products (scores, weighted values) over (seq + 1) / 2 keys on average; then the vocabulary
+    head. The backward pass costs twice the forward (gradients of inputs and of weights).
+    """
+    d, hd = cfg.d_model, cfg.head_dim
+    projections = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d + 3 * d * cfg.d_ff
+    attention = 2 * cfg.n_heads * hd * (seq + 1) / 2
+    forward = 2 * batch * seq * (cfg.n_layers * (projections + attention) + d * cfg.vocab_size)
+    return int(3 * forward)
+
+
+def matmul_peak_gflop_s(device: torch.device, size: int = PEAK_MATMUL_SIZE, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` fp32 ``(size, size) @ (size, size)`` products, in GFLOP/s."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    a @ b  # warm up
+    seconds = min(timed(lambda: a @ b, device)[0] for _ in range(repeats))
+    return 2 * size**3 / seconds / 1e9
 
 
 def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:

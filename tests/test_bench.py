@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from muomni.bench import BenchError, bench_thinker, main
+from muomni.bench import BenchError, bench_thinker, main, train_step_flops
 
 
 def test_bench_thinker_reports_ours_and_reference():
@@ -18,8 +18,20 @@ def test_bench_thinker_reports_ours_and_reference():
         assert all(value > 0 for side in rates.values() for value in side.values())
         assert set(result["ratios"][clock]) == {"train_vs_reference", "decode_cached_vs_reference",
                                                 "decode_cached_vs_uncached"}
+    use = result["utilisation"]
+    assert use["matmul_peak_gflop_s"] > 0 and use["train_gflop_s"]["ours"] > 0
+    assert use["train_ceiling_vs_reference"] > 1.0  # the reference does more than its matmuls
     # The tiny preset ties its head; the reference never does.
     assert result["params"]["reference"] - result["params"]["ours"] == 1024 * 128
+
+
+def test_train_step_flops_count_every_matmul():
+    from muomni.config import ThinkerConfig
+
+    cfg = ThinkerConfig(vocab_size=10, d_model=4, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=8)
+    # q 4x4, k 4x2, v 4x2, out 4x4, gate/up/down 3 x 4x8 = 144 multiply-adds per token; attention
+    # 2 heads x 2 dims x (3 + 1) / 2 keys x 2 products = 16; head 4 x 10 = 40. Forward x 3, x 2 FLOPs.
+    assert train_step_flops(cfg, batch=2, seq=3) == 3 * 2 * 2 * 3 * (144 + 16 + 40)
 
 
 def test_unknown_benchmark_is_named():
