@@ -97,9 +97,8 @@ def bench_thinker(preset_name: str, device: torch.device, steps: int = 3, rounds
 
     wall = {name: [] for name in [*train, *decode]}
     cpu = {name: [] for name in wall}
-    peaks = []
+    peaks = [matmul_peak_gflop_s(device)]  # before the rounds and after them, outside their timing
     for _ in range(rounds):
-        peaks.append(matmul_peak_gflop_s(device))  # in every round too: the fastest is the peak
         for name, step in train.items():
             seconds, cpu_seconds = timed(lambda: [step() for _ in range(steps)], device)
             wall[name].append(seconds / steps)
@@ -121,7 +120,7 @@ def bench_thinker(preset_name: str, device: torch.device, steps: int = 3, rounds
                 "decode_cached_vs_uncached": round(rate["ours_cached"] / rate["ours_uncached"], 3)}
 
     flops = train_step_flops(cfg, batch, seq)
-    peak = max(peaks)
+    peak = max(peaks + [matmul_peak_gflop_s(device)])
     achieved = {name: flops / min(wall[name]) / 1e9 for name in train}
     result = {
         "preset": preset_name, "device": str(device), "dtype": "float32", "threads": torch.get_num_threads(),
@@ -168,7 +167,7 @@ def matmul_peak_gflop_s(device: torch.device, size: int = PEAK_MATMUL_SIZE, repe
     """The fastest of ``repeats`` fp32 ``(size, size) @ (size, size)`` products, in GFLOP/s.
 
     The product is written into one preallocated tensor, so only the arithmetic is timed.
-    `bench_thinker` measures it once per round, beside the models, and keeps the fastest.
+    `bench_thinker` measures it before and after its rounds and keeps the faster.
     """
     a, b, out = (torch.randn(size, size, device=device) for _ in range(3))
     torch.mm(a, b, out=out)  # warm up
