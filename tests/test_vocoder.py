@@ -72,7 +72,7 @@ def test_hifigan_shapes_and_losses():
     cfg = CodecConfig(n_mels=20, vocoder_channels=16)
     generator = HiFiGAN(cfg)
     wave = generator(torch.randn(2, 20, 6) - 5)
-    assert wave.shape == (2, 6 * cfg.hop_length) and float(wave.abs().max()) <= 1.0
+    assert wave.shape == (2, 6 * cfg.hop_length) and float(wave.detach().abs().max()) <= 1.0
     logits, features = Discriminators(ch=4)(wave)
     assert len(logits) == len(features) == 8  # 5 periods + 3 scales
 
