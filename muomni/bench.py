@@ -97,7 +97,7 @@ def bench_thinker(preset_name: str, device: torch.device, steps: int = 3, rounds
 
     wall = {name: [] for name in [*train, *decode]}
     cpu = {name: [] for name in wall}
-    peaks = [matmul_peak_gflop_s(device)]  # before the rounds and after them, outside their timing
+    peak_before = matmul_peak_gflop_s(device)  # measured again after the rounds, outside their timing
     for _ in range(rounds):
         for name, step in train.items():
             seconds, cpu_seconds = timed(lambda: [step() for _ in range(steps)], device)
@@ -120,7 +120,7 @@ def bench_thinker(preset_name: str, device: torch.device, steps: int = 3, rounds
                 "decode_cached_vs_uncached": round(rate["ours_cached"] / rate["ours_uncached"], 3)}
 
     flops = train_step_flops(cfg, batch, seq)
-    peak = max(peaks + [matmul_peak_gflop_s(device)])
+    peak = max(peak_before, matmul_peak_gflop_s(device))
     achieved = {name: flops / min(wall[name]) / 1e9 for name in train}
     result = {
         "preset": preset_name, "device": str(device), "dtype": "float32", "threads": torch.get_num_threads(),
