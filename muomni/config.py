@@ -101,7 +101,14 @@ class VisionConfig(TransformerConfig):
     text_max_len: int = 48  # longest caption (tokens) the text tower reads
     text_causal: bool = True  # causal text tower (as in CLIP) or bidirectional
     text_pool: str = "eos"  # caption vector: "eos" (state at the end-of-text token) or "mean"
-    augment_min_scale: float = 0.8  # training crops keep at least this fraction of the area (1: none)
+    augment_min_scale: float = 1.0  # training crops keep at least this fraction of the area (1: none; the
+    # attribute targets below assume uncropped pictures)
+    # Attribute heads (stage C): linear readouts of each merged 2x2 token that name the object centred
+    # in it, one head per attribute with this many classes, class 0 meaning "no object centred here".
+    # For the world: colour (6 + 1), shape (4 + 1), size (2 + 1), place on the 3x3 grid (9 + 1). They
+    # give the ViT a reason to tell shapes apart, which captions alone do not. (): no heads.
+    attribute_classes: tuple[int, ...] = (7, 5, 3, 10)
+    attribute_weight: float = 1.0  # weight of the attribute loss beside InfoNCE
     init_temperature: float = 1 / 0.07  # initial logit scale of InfoNCE
     max_temperature: float = 100.0  # the learnable logit scale is clamped to at most this
 
@@ -160,6 +167,13 @@ class OmniConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     talker: TalkerConfig = field(default_factory=TalkerConfig)
     projector_hidden: int = 512  # hidden width of the encoder -> Thinker projector MLPs
+    # The names of the classes of the ViT's attribute heads (`vision.attribute_classes`), one tuple per
+    # head without class 0 ("none"): the world's colours, shapes, sizes and places. Each image token
+    # also gets the Thinker's embeddings of the words its heads read (`projector.VisualWords`). (): off.
+    visual_words: tuple[tuple[str, ...], ...] = (
+        ("red", "green", "blue", "yellow", "purple", "orange"), ("circle", "square", "triangle", "star"),
+        ("big", "small"), ("top left", "top", "top right", "left", "middle", "right", "bottom left", "bottom",
+                           "bottom right"))
     video_frames: int = 4  # frames sampled uniformly from each video clip for the Thinker
     sft_train_encoders: bool = False  # stage E also fine-tunes the AuT and ViT (no cached encoder outputs)
 
@@ -280,8 +294,7 @@ def tiny() -> OmniConfig:
         audio=AudioConfig(d_model=144, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=432, n_mels=80,
                           conv_channels=144, max_seconds=12.0),
         vision=VisionConfig(d_model=96, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=288,
-                            image_size=64, patch_size=8, embed_dim=96, text_layers=2,
-                            augment_min_scale=1.0),  # a 2-minute run underfits: crops only slow it down
+                            image_size=64, patch_size=8, embed_dim=96, text_layers=2),
         codec=CodecConfig(hidden=128, n_codebooks=4, codebook_size=128, codebook_dim=32, ema_decay=0.95,
                           vocoder_channels=64),
         talker=TalkerConfig(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384, dropout=0.1),

@@ -37,15 +37,17 @@ def _line(message: str) -> None:
 
 
 def build_world(preset: str, data_dir: Path) -> str:
-    """Build the world unless ``data_dir/world.json`` marks it complete; returns a status word."""
-    if (data_dir / "world.json").is_file():
+    """Build the world unless ``data_dir/world.json`` marks it complete and current; returns a status word."""
+    from muomni.data.world import VERSION, build_world as build, preset_config
+
+    marker = data_dir / "world.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("version") == VERSION:
         _line(f"[world]   {data_dir} is complete: reused")
         return "reused"
-    from muomni.data.world import build_world as build, preset_config
 
     start = time.time()
     _line(f"[world]   building the {preset} world into {data_dir} ...")
-    build(preset_config(preset), data_dir)
+    build(preset_config(preset), data_dir, log=lambda message: _line(f"[world]   {message}"))
     _line(f"[world]   built in {time.time() - start:.0f} s")
     return "built"
 

@@ -43,9 +43,9 @@ import torch.nn as nn
 from muomni.audio import AuT, LogMel, conv_output_lengths, load_audio, merge_pairs
 from muomni.codec import LOG_FLOOR, Codec
 from muomni.checkpoint import load_checkpoint, resolve, save_checkpoint
-from muomni.config import OmniConfig, from_dict
+from muomni.config import ConfigError, OmniConfig, from_dict
 from muomni.data.collate import pad
-from muomni.projector import Projector
+from muomni.projector import Projector, VisualWords
 from muomni.talker import Talker
 from muomni.thinker import IGNORE_INDEX, Thinker, sample
 from muomni.tokenizer import Tokenizer
@@ -177,6 +177,13 @@ class OmniModel(nn.Module):
         self.vision = ViT(cfg.vision)
         self.audio_proj = Projector(self.audio.merged_dim, cfg.projector_hidden, cfg.thinker.d_model)
         self.vision_proj = Projector(4 * cfg.vision.d_model, cfg.projector_hidden, cfg.thinker.d_model)
+        self.visual_words = None
+        if cfg.visual_words:
+            classes = tuple(len(names) + 1 for names in cfg.visual_words)
+            if classes != tuple(cfg.vision.attribute_classes):
+                raise ConfigError(f"visual_words name {classes} classes (with 'none'), but the ViT's attribute heads "
+                                  f"have {tuple(cfg.vision.attribute_classes)} (vision.attribute_classes)")
+            self.visual_words = VisualWords(4 * cfg.vision.d_model, classes, cfg.thinker.d_model)
         self.talker = Talker(cfg.talker, cfg.codec, cfg.thinker.d_model)
         self.codec = Codec(cfg.codec)
         self.vocoder = GriffinLimVocoder(cfg.codec)  # nothing to train: the codec's mel, inverted
@@ -266,7 +273,11 @@ class OmniModel(nn.Module):
             if count != have:
                 raise MediaError(f"{count} {kind} placeholder tokens but {have} {kind} tokens to fill them")
             if count:
-                projected = projectors[kind](tokens.to(embeds.device)).to(embeds.dtype)
+                tokens = tokens.to(embeds.device)
+                projected = projectors[kind](tokens)
+                if kind != "audio" and self.visual_words is not None:
+                    projected = projected + self.visual_words(tokens)
+                projected = projected.to(embeds.dtype)
                 embeds = embeds.masked_scatter(where.unsqueeze(-1), projected)
         return embeds
 

@@ -31,3 +31,33 @@ class Projector(nn.Module):
     def forward(self, merged: torch.Tensor) -> torch.Tensor:
         """merged ``(..., d_in)`` -> ``(..., d_model)``."""
         return self.down(F.gelu(self.up(self.norm(merged))))
+
+
+class VisualWords(nn.Module):
+    """The ViT's attribute heads read as words: each merged image token also gets the Thinker's own
+    embeddings of the words that name what it holds ("red", "star", "big", "top left").
+
+    Stage C trains linear attribute heads on the merged patches (class 0: nothing there). Here each
+    head's softmax weighs a table of word embeddings, initialised from the Thinker's embeddings of the
+    class names (`init_words`), so an image token arrives already looking like the words a question
+    uses: finding "the star" becomes matching a word the Thinker knows, and the answer can be copied
+    off the token. The heads stay frozen; the word tables are trained.
+
+    Shapes: merged ``(..., d_in)`` -> ``(..., d_model)``.
+    """
+
+    def __init__(self, d_in: int, classes: tuple[int, ...], d_model: int):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(d_in, n) for n in classes)
+        self.words = nn.ParameterList(nn.Parameter(torch.zeros(n, d_model)) for n in classes)
+
+    @torch.no_grad()
+    def init_words(self, embed_word) -> None:
+        """Row ``c`` of table ``a`` <- ``embed_word(a, c)`` for every named class (row 0, "none", stays zero)."""
+        for attribute, table in enumerate(self.words):
+            for cls in range(1, table.shape[0]):
+                table[cls] = embed_word(attribute, cls)
+
+    def forward(self, merged: torch.Tensor) -> torch.Tensor:
+        """merged ``(..., d_in)`` -> the expected word embedding per attribute, summed ``(..., d_model)``."""
+        return sum(head(merged).softmax(-1) @ table for head, table in zip(self.heads, self.words))

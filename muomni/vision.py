@@ -258,6 +258,8 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_proj.weight, std=cfg.d_model ** -0.5)
         # The logit scale is learned in log space (it stays positive); CLIP starts it at 1/0.07.
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
+        # Linear attribute readouts of the merged patches (what the Thinker will read), one per attribute.
+        self.attribute_heads = nn.ModuleList(nn.Linear(4 * cfg.d_model, n) for n in cfg.attribute_classes)
 
     def logit_scale(self) -> torch.Tensor:
         """exp of the learned log scale, clamped to ``max_temperature`` (no gradient beyond it)."""
@@ -271,9 +273,21 @@ class CLIP(nn.Module):
         """``(batch, seq) -> (batch, embed_dim)`` unit vectors."""
         return F.normalize(self.text_proj(self.text(ids, mask)), dim=-1)
 
+    def scores(self, states: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine similarities ``(n_images, n_texts)`` from the ViT's output ``states``
+        ``(n_images, 1 + patches, d_model)``: row i scores image i against every caption."""
+        images = F.normalize(self.image_proj(states[:, 0]), dim=-1)
+        return self.logit_scale() * images @ self.encode_text(ids, mask).T
+
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarities ``(n_images, n_texts)``: row i scores image i against every caption."""
-        return self.logit_scale() * self.encode_image(images) @ self.encode_text(ids, mask).T
+        return self.scores(self.vision(images), ids, mask)
+
+    def attribute_logits(self, states: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+        """Per attribute head, logits ``(n_images, mh * mw, classes)`` of every merged 2x2 token, from
+        the ViT's output ``states`` ``(n_images, 1 + gh * gw, d_model)`` on a ``grid`` of patches."""
+        merged, _ = merge_2x2(states[:, 1:], grid)
+        return [head(merged) for head in self.attribute_heads]
 
 
 def info_nce(logits: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:

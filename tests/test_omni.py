@@ -222,3 +222,35 @@ def test_scores_count_each_chat_kind_and_each_image_question_kind():
     assert metrics["image_qa_by_question"] == {"colour": 1.0, "position": 0.5}
     assert metrics["video_qa_acc"] == 0.0 and metrics["transcribe_cer"] == 0.0
     assert "image_qa_by_question" not in score(rows[3:], ["left.", "a red star."])
+
+
+def test_captions_are_scored_by_the_facts_they_get_right():
+    from muomni.train.stage_sft import caption_facts
+
+    truth = "a big red circle at the top left and a small blue star on the right."
+    assert caption_facts(truth, truth) == 1.0
+    assert caption_facts(truth, "a big red circle at the top left.") == 0.5  # one object of two, all four facts
+    assert caption_facts(truth, "a small red circle at the top left and a small blue star on the right.") == 7 / 8
+    invented = "a big red circle at the top left and a small blue star on the right and a big green square."
+    assert caption_facts(truth, invented) == 8 / 12  # an object that is not there costs
+    assert caption_facts(truth, "") == 0.0
+
+
+def test_visual_words_give_image_tokens_the_words_their_heads_read(tokenizer, media):
+    from muomni.config import ConfigError
+
+    model = small_model(tokenizer)
+    words = model.visual_words
+    assert [head.out_features for head in words.heads] == list(model.cfg.vision.attribute_classes)
+    target = torch.randn(model.cfg.thinker.d_model)
+    words.init_words(lambda head, cls: target * (head + cls))
+    assert torch.equal(words.words[1][2], target * 3) and torch.equal(words.words[0][0], torch.zeros_like(target))
+    merged = torch.randn(5, 4 * model.cfg.vision.d_model)
+    expected = sum(head(merged).softmax(-1) @ table for head, table in zip(words.heads, words.words))
+    torch.testing.assert_close(words(merged), expected)
+    # an image token is its projection plus its words
+    ids = torch.tensor([[tokenizer.image_id] * 5])
+    embeds = model.embed(ids, {"image": merged})
+    torch.testing.assert_close(embeds[0], model.vision_proj(merged) + words(merged))
+    with pytest.raises(ConfigError, match="attribute heads"):
+        small_model(tokenizer, overrides=("vision.attribute_classes=[7,5]",))

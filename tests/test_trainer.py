@@ -126,6 +126,24 @@ def test_exact_resume_is_bit_identical_and_writes_the_run_layout(tmp_path):
         make_trainer(tmp_path / "nothing", config()).fit(resume=True)
 
 
+def test_a_probe_draws_the_learning_curve_against_training_minutes(tmp_path):
+    seen = []
+
+    def probe(model: nn.Module) -> dict[str, float]:
+        seen.append(model.training)
+        return {"count_acc": 0.25 * len(seen)}
+
+    torch.manual_seed(0)
+    trainer = Trainer(ToyLM(0.0), config(), tmp_path / "run", ToyData(False), collate, lm_loss, val_data=ToyData(False),
+                      probe=probe)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in records if r["split"] == "probe"]
+    assert [(r["step"], r["count_acc"]) for r in probes] == [(3, 0.25), (6, 0.5)]  # at each validation
+    assert 0 < probes[0]["train_minutes"] < probes[1]["train_minutes"]
+    assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 0
+
+
 def test_nan_loss_stops_naming_step_and_batch_and_keeps_last_checkpoint(tmp_path):
     calls = {"n": 0}
 

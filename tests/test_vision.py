@@ -299,8 +299,10 @@ def toy_world(tmp_path_factory):
                 image.save(root / f"world/images/png/{number:03d}.png")
                 caption = f"a {colour} square on the {side}."
                 captions.append(caption)
+                scene = {"objects": [{"shape": "square", "colour": colour, "size": "big", "row": 1,
+                                      "col": 0 if side == "left" else 2, "x": 0.25 if side == "left" else 0.75, "y": 0.5}]}
                 manifest.write(json.dumps({"id": str(number), "image": f"png/{number:03d}.png",
-                                           "captions": [caption, f"there is a {colour} square."]}) + "\n")
+                                           "captions": [caption, f"there is a {colour} square."], "scene": scene}) + "\n")
     tokenizer = Tokenizer.train(captions * 3, vocab_size=300)
     save_checkpoint(root / "runs/thinker/best", {"unused": torch.zeros(1)}, {"kind": "thinker"}, tokenizer=tokenizer)
     return root
@@ -322,6 +324,8 @@ def test_stage_trains_and_reports_retrieval_both_ways(toy_world):
     assert set(results) == {"test", "comp"}
     for split in results.values():
         assert split["pool"] == 8 and split["pairs"] == 8
+        assert set(split["attributes"]) == {"colour_acc", "shape_acc", "size_acc", "place_acc"}
+        assert all(0.0 <= value <= 1.0 for value in split["attributes"].values())
         for key in ("image_to_text_r1", "image_to_text_r5", "text_to_image_r1", "text_to_image_r5"):
             assert 0.0 <= split[key] <= 1.0
         assert split["image_to_text_r5"] >= split["image_to_text_r1"]
@@ -335,3 +339,25 @@ def test_stage_without_a_thinker_says_to_train_it_first(toy_world, tmp_path):
 
     with pytest.raises(StageError, match="run `muomni train --stage thinker` first"):
         stage_vision.train("tiny", toy_world / "world", tmp_path / "runs", SMALL, resume=False)
+
+
+def test_attribute_targets_name_the_object_in_the_token_that_holds_its_centre():
+    from muomni.train.stage_vision import attribute_targets
+
+    objects = [{"shape": "star", "colour": "blue", "size": "small", "row": 0, "col": 2, "x": 0.9, "y": 0.1},
+               {"shape": "circle", "colour": "red", "size": "big", "row": 2, "col": 0, "x": 0.2, "y": 0.8}]
+    targets = attribute_targets(objects, (4, 4))
+    assert targets.shape == (16, 4)
+    assert targets[3].tolist() == [1 + 2, 1 + 3, 1 + 1, 1 + 2]  # blue, star, small, top right
+    assert targets[12].tolist() == [1 + 0, 1 + 0, 1 + 0, 1 + 6]  # red, circle, big, bottom left
+    assert int((targets != 0).any(-1).sum()) == 2  # every other token names no object
+
+
+def test_attribute_heads_read_merged_patches():
+    model = CLIP(CFG, vocab_size=50)
+    states = model.vision(torch.randn(2, 3, 32, 32))
+    logits = model.attribute_logits(states, model.vision.grid)
+    mh, mw = (model.vision.grid[0] + 1) // 2, (model.vision.grid[1] + 1) // 2
+    assert [tuple(x.shape) for x in logits] == [(2, mh * mw, n) for n in CFG.attribute_classes]
+    off = CLIP(dataclasses.replace(CFG, attribute_classes=()), vocab_size=50)
+    assert len(off.attribute_heads) == 0

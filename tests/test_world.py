@@ -11,14 +11,18 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from muomni.config import ConfigError
 from muomni.data import language as L
+from muomni.data import perturb as P
 from muomni.data import scenes as S
 from muomni.data import speech as T
 from muomni.data import world as W
 from muomni.data.datasets import ManifestDataset, asr_pair, chat, image_captions, video_qa
 
-SMALL = W.WorldConfig(seed=3, scenes=40, utterances=40, clips=12, stories=30, chats=60, image_size=32)
-SENTENCES = re.compile(r"^[a-z]+( [a-z]+)*[.?]( [a-z]+( [a-z]+)*[.?])*$")  # lowercase words, final . or ?
+SMALL = W.WorldConfig(seed=3, scenes=40, utterances=40, clips=12, eval_clips=4, stories=30, chats=60, eval_questions=6,
+                      image_size=32)
+WORD = r"[a-z]+('[a-z]+)?"
+SENTENCES = re.compile(rf"^{WORD}( {WORD})*[.?]( {WORD}( {WORD})*[.?])*$")  # lowercase words, final . or ?
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def test_same_seed_gives_identical_manifest_bytes(small_world, tmp_path):
     again = W.build_world(SMALL, tmp_path / "again", workers=1, log=lambda _: None)
     first = {p.relative_to(small_world): p.read_bytes() for p in manifests(small_world)}
     second = {p.relative_to(again): p.read_bytes() for p in manifests(again)}
-    assert first == second and len(first) == 19
+    assert first == second and len(first) == 23
     assert (small_world / "world.json").read_bytes() == (again / "world.json").read_bytes()
 
 
@@ -59,18 +63,20 @@ def test_layout_and_counts(small_world):
 
 
 def test_held_out_pairs_and_voices_never_leak_into_training():
-    plan = W.plan_world(W.WorldConfig(seed=0, scenes=400, utterances=300, clips=200, stories=200, chats=300))
+    plan = W.plan_world(W.WorldConfig(seed=0, scenes=400, utterances=300, clips=200, eval_clips=20, stories=200,
+                                      chats=300, eval_questions=20))
     held = set(S.HELD_OUT_PAIRS)
     for split in ("train", "val", "test"):
         for record in plan.images[split]:
             assert not {(o["colour"], o["shape"]) for o in record["scene"]["objects"]} & held
         for record in plan.clips[split]:
             assert (record["motion"]["mover"]["colour"], record["motion"]["mover"]["shape"]) not in held
-        assert not {u["voice"] for u in plan.speech[split]} & set(T.HELD_OUT_VOICES)
+        assert not {u["voice"] for u in plan.speech[split]} & set(T.HELD_OUT_VOICES + T.WILD_VOICES)
     for record in plan.images["comp"]:
         assert {(o["colour"], o["shape"]) for o in record["scene"]["objects"]} & held
     assert all((r["motion"]["mover"]["colour"], r["motion"]["mover"]["shape"]) in held for r in plan.clips["comp"])
     assert {u["voice"] for u in plan.speech["comp"]} <= set(T.HELD_OUT_VOICES)
+    assert {u["voice"] for u in plan.speech["wild"]} <= set(T.WILD_VOICES)
     # no training text names a held-out pair either
     train_text = json.dumps([plan.text["train"], plan.speech["train"], plan.chats["train"], plan.images["train"]])
     for colour, shape in held:
@@ -114,9 +120,10 @@ def test_speech_transcripts_match_their_audio(small_world):
             info = sf.info(str(small_world / "speech" / record["audio"]))
             assert info.samplerate == 16000 and info.channels == 1
             assert abs(info.duration - record["seconds"]) < 1e-3
-            # eSpeak at 145-195 words per minute: roughly 0.15-0.9 s per word, plus margins
+            # eSpeak at 120-220 words per minute, sped up or slowed by up to 10%, a reverb tail:
+            # roughly 0.12-1.1 s per word, plus margins
             words = len(record["text"].split())
-            assert 0.15 * words < record["seconds"] < 0.9 * words + 0.5, record
+            assert 0.12 * words < record["seconds"] < 1.1 * words + 0.8, record
 
 
 def test_every_manifest_reads_through_the_datasets(small_world):
@@ -147,7 +154,7 @@ def test_images_and_clips_have_the_configured_size(small_world):
     if path.suffix == ".mp4":
         from torchcodec.decoders import VideoDecoder
 
-        assert len(VideoDecoder(str(path))) == clip["frames"] == SMALL.frames
+        assert len(VideoDecoder(str(path))) == clip["frames"]
     else:
         with Image.open(path) as gif:
             assert gif.n_frames == clip["frames"]
@@ -191,8 +198,8 @@ def test_synthesize_gives_16khz_float_speech():
 
 
 def test_interrupted_build_leaves_no_world_and_next_build_recovers(tmp_path, monkeypatch):
-    cfg = W.WorldConfig(seed=1, scenes=8, utterances=6, clips=4, stories=6, chats=10, image_size=16,
-                        video_format="gif")
+    cfg = W.WorldConfig(seed=1, scenes=10, utterances=10, clips=4, eval_clips=1, stories=6, chats=10,
+                        eval_questions=2, image_size=16, video_format="gif")
     out = tmp_path / "world"
 
     def crash(jobs, workers):
@@ -211,6 +218,12 @@ def test_interrupted_build_leaves_no_world_and_next_build_recovers(tmp_path, mon
         W.build_world(W.WorldConfig(**{**cfg.__dict__, "seed": 2}), out, workers=1, log=lambda _: None)
     W.build_world(W.WorldConfig(**{**cfg.__dict__, "seed": 2}), out, force=True, workers=1, log=lambda _: None)
     assert json.loads((out / "world.json").read_text())["seed"] == 2
+    # a world of an older version is rebuilt, saying so
+    info = json.loads((out / "world.json").read_text())
+    (out / "world.json").write_text(json.dumps({**info, "version": 1}))
+    said = []
+    W.build_world(W.WorldConfig(**{**cfg.__dict__, "seed": 2}), out, workers=1, log=said.append)
+    assert "version 1" in said[0] and json.loads((out / "world.json").read_text())["version"] == W.VERSION
 
 
 def test_missing_media_is_reported_with_file_and_line(small_world, tmp_path):
@@ -224,3 +237,85 @@ def test_missing_media_is_reported_with_file_and_line(small_world, tmp_path):
     assert dataset[0]["image"].name == "a.png"
     with pytest.raises(ValueError, match=r"images.jsonl line 2: image file png/missing.png not found"):
         dataset[1]
+
+
+def test_clip_lengths_vary_within_the_jitter(small_world):
+    lengths = {r["frames"] for split in W.SPLITS for r in records(small_world / "video" / f"{split}.jsonl")}
+    assert lengths <= set(range(SMALL.frames - SMALL.frame_jitter, SMALL.frames + SMALL.frame_jitter + 1))
+    assert len(lengths) > 1
+
+
+def test_held_out_splits_have_enough_questions_of_every_kind(small_world):
+    for split in W.HELD_OUT:
+        kinds = [c["kind"] for c in records(small_world / "chat" / f"{split}.jsonl")]
+        for kind in W.QUESTION_KINDS:
+            assert kinds.count(kind) == SMALL.eval_questions, (split, kind)
+
+
+def test_wild_split_is_made_by_held_out_factors():
+    plan = W.plan_world(W.WorldConfig(seed=0, scenes=300, utterances=200, clips=40, eval_clips=20, stories=20,
+                                      chats=40, eval_questions=20))
+    train_wordings = {kind: t["train"] for kind, t in L.QUESTION_TEMPLATES.items()}
+    for split in W.SPLITS:
+        wild = split == "wild"
+        for record in plan.images[split]:
+            assert record["scene"]["style"]["family"] == ("wild" if wild else "train")
+        for record in plan.clips[split]:
+            assert record["motion"]["style"]["family"] == ("wild" if wild else "train")
+        rooms = {u["room"]["noise"] for u in plan.speech[split] if u["room"].get("noise")}
+        assert rooms <= set(P.WILD_NOISES if wild else P.TRAIN_NOISES) and rooms
+    # a wild question never uses a training wording: a training wording would match it as a pattern
+    slots = {"shape": L.SHAPES, "colour": L.COLOURS, "plural": tuple(L.PLURALS.values()),
+             "noun": tuple(f"{c} {s}" for c, s in L.ALL_PAIRS), "place": tuple(L.PLACE_PHRASES.values()),
+             "relation": tuple(L.RELATIONS)}
+
+    def pattern(template: str) -> re.Pattern:
+        parts = re.split(r"\{(\w+)\}", L.american(template))  # literal, slot, literal, slot, ...
+        text = "".join(re.escape(part) if k % 2 == 0 else "(" + "|".join(slots[part]) + ")" for k, part in enumerate(parts))
+        return re.compile(text.replace("color", "colou?r") + "$")
+
+    patterns = [pattern(t) for templates in train_wordings.values() for t in templates]
+    wild_questions = [qa["question"] for r in plan.images["wild"] for qa in r["qa"]]
+    assert wild_questions and not [q for q in wild_questions if any(p.match(q) for p in patterns)][:3]
+    assert not set(T.WILD_VOICES) & set(T.TRAIN_VOICES)
+
+
+@pytest.mark.parametrize("field, value", [("eval_questions", 0), ("clean_speech", 1.5), ("frame_jitter", 7),
+                                          ("video_format", "avi")])
+def test_a_world_setting_out_of_range_names_itself(field, value):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        W.WorldConfig(**{field: value})
+
+
+def test_randomised_scenes_stay_inside_the_picture_and_apart():
+    rng = __import__("random").Random(5)
+    for _ in range(300):
+        scene = S.sample_scene(rng, family=rng.choice(S.FAMILIES))
+        for obj in scene["objects"]:
+            reach = S.extent(obj)
+            assert reach - 1e-3 <= obj["x"] <= 1 - reach + 1e-3 and reach - 1e-3 <= obj["y"] <= 1 - reach + 1e-3
+            assert (int(obj["x"] * 3), int(obj["y"] * 3)) == (obj["col"], obj["row"])  # the centre names the place
+        objects = scene["objects"]
+        assert all(np.hypot(a["x"] - b["x"], a["y"] - b["y"]) > S.extent(a) + S.extent(b)
+                   for k, a in enumerate(objects) for b in objects[k + 1:])
+
+
+def test_a_shade_keeps_the_name_of_its_colour():
+    import colorsys
+
+    rng = __import__("random").Random(2)
+    hue = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for name, rgb in S.RGB.items()}
+    for name in S.RGB:
+        for _ in range(50):
+            h = colorsys.rgb_to_hsv(*(c / 255 for c in S.jittered_rgb(name, rng)))[0]
+            nearest = min(hue, key=lambda other: min(abs(hue[other] - h), 1 - abs(hue[other] - h)))
+            assert nearest == name
+
+
+def test_every_style_draws_a_picture_of_the_right_size():
+    rng = __import__("random").Random(4)
+    for family in S.FAMILIES:
+        for _ in range(10):
+            scene = S.sample_scene(rng, family=family)
+            image = S.render_scene(scene, 40)
+            assert image.size == (40, 40) and image.mode == "RGB"

@@ -54,17 +54,20 @@ from typing import Callable
 import numpy as np
 
 from muomni.data import language as L
+from muomni.data import perturb as P
 from muomni.data import scenes as S
 from muomni.data import speech as T
 
-VERSION = 1
-SPLITS = ("train", "val", "test", "comp")
-FRACTIONS = {"val": 0.05, "test": 0.10, "comp": 0.05}  # train takes the rest
+VERSION = 2  # 2: randomised rendering, voices, noise and wording; the `wild` split; evaluation-sized held-out chats
+SPLITS = ("train", "val", "test", "comp", "wild")
+HELD_OUT = ("test", "comp", "wild")  # the splits evaluation reads
+FRACTIONS = {"val": 0.05, "test": 0.10, "comp": 0.05, "wild": 0.10}  # train takes the rest
 TEXT_FRACTIONS = {"val": 0.05, "test": 0.05}
-CHAT_KINDS = {  # kind -> share of the chat mixture
+CHAT_KINDS = {  # kind -> share of the chat mixture of train and val
     "text_qa": 0.15, "image_qa": 0.25, "caption": 0.12, "transcribe": 0.10,
     "spoken_qa": 0.15, "video_qa": 0.13, "speak": 0.10,
 }
+QUESTION_KINDS = ("text_qa", "image_qa", "spoken_qa", "video_qa")  # `eval_questions` each per held-out split
 CAPTION_PROMPTS = ("describe the image.", "what do you see?", "what is in the picture?")
 VIDEO_PROMPTS = ("describe the video.", "what happens in the video?")
 TRANSCRIBE_PROMPTS = ("transcribe this.", "what is said?", "write down what you hear.")
@@ -79,20 +82,47 @@ class WorldConfig:
     """What to generate. Defaults come from the preset (`PRESETS`); any field can be overridden."""
 
     seed: int = 0  # everything follows from this seed
-    scenes: int = 2000  # images with captions and questions
-    utterances: int = 3000  # spoken sentences in varied voices (plus the assistant's answers)
-    clips: int = 600  # short videos of a moving shape
+    scenes: int = 2400  # images with captions and questions
+    utterances: int = 3000  # spoken sentences in varied voices (plus the assistant's answers and the spoken
+    # questions of the held-out chats)
+    clips: int = 600  # short videos of a moving shape for train and val (held-out splits get eval_clips each)
+    eval_clips: int = 300  # clips in each held-out split (test, comp, wild): one motion question each
     stories: int = 3000  # text-only documents for stage A
-    chats: int = 4000  # instruction-tuning conversations (they reuse the media above)
+    chats: int = 4000  # instruction-tuning conversations of train and val (they reuse the media above)
+    eval_questions: int = 300  # questions per kind (text, image, spoken, video) in each held-out split's chats
     image_size: int = 64  # side of images and video frames in pixels
-    frames: int = 8  # frames per clip
+    frames: int = 8  # frames per clip (each clip has frames +- frame_jitter)
+    frame_jitter: int = 2  # clips vary in length by up to this many frames
     fps: float = 4.0  # frames per second of a clip
+    free_speech: float = 0.3  # share of utterances that are free sentences (not the caption grammar)
+    clean_speech: float = 0.3  # share of utterances kept free of noise, reverb and filtering
     video_format: str = "auto"  # "mp4" (torchcodec/FFmpeg), "gif" (Pillow) or "auto"
+
+    def __post_init__(self) -> None:
+        """A one-line `ConfigError` naming the first field out of its range."""
+        from muomni.config import ConfigError
+
+        at_least = {"scenes": 10, "utterances": 10, "clips": 4, "eval_clips": 1, "stories": 1, "chats": 10,
+                    "eval_questions": 1, "image_size": 16, "frames": 2, "frame_jitter": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"world setting '{name}' is {getattr(self, name)}; it must be at least {low}")
+        if self.frames - self.frame_jitter < 2:
+            raise ConfigError(f"world setting 'frame_jitter' ({self.frame_jitter}) leaves clips of fewer than 2 "
+                              f"frames (frames={self.frames})")
+        for name in ("free_speech", "clean_speech"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"world setting '{name}' is {getattr(self, name)}; it is a share from 0 to 1")
+        if self.fps <= 0:
+            raise ConfigError(f"world setting 'fps' is {self.fps}; it must be positive")
+        if self.video_format not in ("auto", "mp4", "gif"):
+            raise ConfigError(f"world setting 'video_format' is {self.video_format!r}; expected auto, mp4 or gif")
 
 
 PRESETS = {
     "tiny": WorldConfig(),
-    "base": WorldConfig(scenes=20000, utterances=20000, clips=5000, stories=30000, chats=30000, image_size=224),
+    "base": WorldConfig(scenes=20000, utterances=20000, clips=5000, eval_clips=500, stories=30000, chats=30000,
+                        eval_questions=500, image_size=224),
 }
 
 
@@ -107,6 +137,11 @@ def split_sizes(n: int, fractions: dict[str, float] = FRACTIONS) -> dict[str, in
     """How many of `n` items go to each split (train gets the remainder)."""
     sizes = {name: int(round(n * share)) for name, share in fractions.items()}
     return {"train": n - sum(sizes.values()), **sizes}
+
+
+def family(split: str) -> str:
+    """How a split's media and questions are made: "wild" for the wild split, else the training family."""
+    return "wild" if split == "wild" else "train"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,58 +159,86 @@ def _plan_images(cfg: WorldConfig) -> dict[str, list[dict]]:
         out[split] = []
         for _ in range(n):
             number += 1
-            scene = S.sample_scene(rng, comp=split == "comp")
+            scene = S.sample_scene(rng, comp=split == "comp", family=family(split))
+            qa = L.scene_questions(scene["objects"], rng, S.allowed_pairs(split == "comp"), family=family(split))
             out[split].append({"id": f"img{number:06d}", "image": f"png/{number:06d}.png",
-                               "captions": L.captions(scene["objects"], rng),
-                               "qa": L.scene_questions(scene["objects"], rng, S.allowed_pairs(split == "comp")),
-                               "scene": scene})
+                               "captions": L.captions(scene["objects"], rng), "qa": qa, "scene": scene})
     return out
 
 
 def _plan_clips(cfg: WorldConfig) -> dict[str, list[dict]]:
     rng, number, out = _rng(cfg, "video"), 0, {}
     ext = cfg.video_format
-    for split, n in split_sizes(cfg.clips).items():
+    sizes = {**split_sizes(cfg.clips, {"val": FRACTIONS["val"]}), **{split: cfg.eval_clips for split in HELD_OUT}}
+    for split, n in sizes.items():
         out[split] = []
         for _ in range(n):
             number += 1
-            clip = S.sample_clip(rng, cfg.frames, comp=split == "comp")
-            qa = L.motion_question(clip["mover"], clip["direction"])
-            out[split].append({"id": f"vid{number:06d}", "video": f"clips/{number:06d}.{ext}", "frames": cfg.frames,
+            frames = rng.randint(cfg.frames - cfg.frame_jitter, cfg.frames + cfg.frame_jitter)
+            clip = S.sample_clip(rng, frames, comp=split == "comp", family=family(split))
+            qa = L.motion_question(clip["mover"], clip["direction"], rng, family(split))
+            out[split].append({"id": f"vid{number:06d}", "video": f"clips/{number:06d}.{ext}", "frames": frames,
                                "fps": cfg.fps, "question": qa["question"], "answer": qa["answer"],
                                "caption": L.motion_caption(clip["mover"], clip["direction"]), "motion": clip})
     return out
 
 
-def _speech_sentence(images: list[dict], rng: random.Random) -> str:
-    """A sentence to speak, drawn from the split's scenes: a question, a description, an answer."""
+def _speech_sentence(images: list[dict], rng: random.Random, free_share: float, pairs: list[tuple[str, str]]) -> str:
+    """A sentence to speak: a free sentence naming only ``pairs``, or one drawn from the split's scenes
+    (a question, a description, an answer)."""
+    if rng.random() < free_share:
+        return L.free_sentence(rng, pairs)
     record = rng.choice(images)
     roll = rng.random()
-    if roll < 0.4:
+    if roll < 0.55:
         return rng.choice(record["qa"])["question"]
     obj = rng.choice(record["scene"]["objects"])
-    if roll < 0.7:
+    if roll < 0.8:
         return L.describe(obj) + "."
-    if roll < 0.85:
+    if roll < 0.9:
         return rng.choice(record["qa"])["answer"] + "."
     return f"the {L.full_noun(obj)}."
 
 
-def _plan_speech(cfg: WorldConfig, images: dict[str, list[dict]], answers: list[str]) -> dict[str, list[dict]]:
-    rng, number, out = _rng(cfg, "speech"), 0, {}
+def _voices(split: str) -> tuple[str, ...]:
+    return {"comp": T.HELD_OUT_VOICES, "wild": T.WILD_VOICES}.get(split, T.TRAIN_VOICES)
 
-    def record(sentence: str, voice: str, rate: int, pitch: int) -> dict:
+
+def _plan_speech(cfg: WorldConfig, images: dict[str, list[dict]], answers: list[str]) -> dict[str, list[dict]]:
+    """Utterances per split: varied sentences in the split's voices, each with a recorded-room
+    perturbation (`muomni.data.perturb`: noise, reverb, band-limit...; a share stays clean); the held-out
+    splits also speak the questions of their spoken-question chats (``"asks"``: image id, question index)."""
+    rng, number, out = _rng(cfg, "speech"), 0, {}
+    noises = {"wild": P.WILD_NOISES}
+
+    def record(sentence: str, split: str, voice: str | None = None, rate: int | None = None,
+               pitch: int | None = None, clean: bool | None = None) -> dict:
         nonlocal number
         number += 1
+        voice = voice or rng.choice(_voices(split))
+        rate = rate or rng.randint(*T.RATES)
+        pitch = pitch if pitch is not None else rng.randint(*T.PITCHES)
+        clean = rng.random() < cfg.clean_speech if clean is None else clean
+        room = {"kind": "clean"} if clean else P.sample_perturbation(rng, noises.get(split, P.TRAIN_NOISES))
+        babble = []
+        if room.get("noise") == "babble":  # other voices talking behind the speaker
+            pairs = S.allowed_pairs(split == "comp")
+            babble = [[L.free_sentence(rng, pairs), rng.choice(_voices(split)), rng.randint(*T.RATES),
+                       rng.randint(*T.PITCHES)] for _ in range(room["talkers"])]
         return {"id": f"utt{number:06d}", "audio": f"wav/{number:06d}.wav", "text": L.normalize_transcript(sentence),
-                "sentence": sentence, "voice": voice, "rate": rate, "pitch": pitch, "seconds": None}
+                "sentence": sentence, "voice": voice, "rate": rate, "pitch": pitch, "room": room, "babble": babble,
+                "seconds": None}
 
     for split, n in split_sizes(cfg.utterances).items():
-        voices = T.HELD_OUT_VOICES if split == "comp" else T.TRAIN_VOICES
-        out[split] = [record(_speech_sentence(images[split], rng), rng.choice(voices), rng.randint(*T.RATES),
-                             rng.randint(*T.PITCHES)) for _ in range(n)]
+        pairs = S.allowed_pairs(split == "comp")
+        out[split] = [record(_speech_sentence(images[split], rng, cfg.free_speech, pairs), split) for _ in range(n)]
+        if split in HELD_OUT and images[split]:  # the spoken questions of the held-out chats
+            for _ in range(cfg.eval_questions):
+                img = rng.choice(images[split])
+                k = rng.randrange(len(img["qa"]))
+                out[split].append({**record(img["qa"][k]["question"], split), "asks": [img["id"], k]})
     # the assistant's spoken answers: every answer a "speak" chat can give, in the one assistant voice
-    out["train"] += [record(answer + ".", **T.ASSISTANT) for answer in answers]
+    out["train"] += [record(answer + ".", "train", clean=True, **T.ASSISTANT) for answer in answers]
     return out
 
 
@@ -188,7 +251,8 @@ def _plan_text(cfg: WorldConfig) -> dict[str, list[dict]]:
             for _ in range(rng.randint(1, 3)):
                 roll = rng.random()
                 if roll < 0.5:
-                    parts.append(L.scene_document(S.sample_scene(rng)["objects"], rng, S.allowed_pairs(comp=False)))
+                    parts.append(L.scene_document(S.sample_scene(rng)["objects"], rng, S.allowed_pairs(comp=False),
+                                                  family="train"))
                 elif roll < 0.7:
                     clip = S.sample_clip(rng, cfg.frames)
                     start = (rng.randrange(3), rng.randrange(3))
@@ -212,32 +276,50 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
+def _chat_kinds(split: str, n: int, rng: random.Random, cfg: WorldConfig) -> list[str]:
+    """The kinds of a split's chats: drawn by `CHAT_KINDS` shares for train and val; for a held-out
+    split `eval_questions` of each question kind and a third as many of the others, so every
+    accuracy is measured on enough questions to tell two recipes apart."""
+    if split not in HELD_OUT:
+        return rng.choices(list(CHAT_KINDS), list(CHAT_KINDS.values()), k=n)
+    others = [kind for kind in CHAT_KINDS if kind not in QUESTION_KINDS and not (kind == "speak" and split == "comp")]
+    return [kind for kind in QUESTION_KINDS for _ in range(cfg.eval_questions)] + \
+           [kind for kind in others for _ in range(max(1, cfg.eval_questions // 3))]
+
+
 def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[str, str]) -> dict[str, list[dict]]:
     rng, number, out = _rng(cfg, "chat"), 0, {}
-    kinds, weights = list(CHAT_KINDS), list(CHAT_KINDS.values())
-    for split, n in split_sizes(cfg.chats).items():
+    for split, n in split_sizes(cfg.chats, {"val": FRACTIONS["val"]}).items() | {s: 0 for s in HELD_OUT}.items():
         assistant = set(assistant_audio.values())
         voices = [u for u in speech[split] if u["audio"] not in assistant]  # the varied voices only
         by_sentence: dict[str, list[dict]] = {}
         for u in voices:
             by_sentence.setdefault(u["sentence"], []).append(u)
-        # spoken questions need an image whose question was spoken in this split
-        askable = [(img, qa) for img in images[split] for qa in img["qa"] if qa["question"] in by_sentence]
+        images_by_id = {img["id"]: img for img in images[split]}
+        # spoken questions: the held-out splits' own spoken questions, one chat each; train and val
+        # pair an image with a question that was spoken in the split
+        if split in HELD_OUT:
+            askable = [(images_by_id[u["asks"][0]], images_by_id[u["asks"][0]]["qa"][u["asks"][1]], u)
+                       for u in voices if "asks" in u]
+        else:
+            askable = [(img, qa, None) for img in images[split] for qa in img["qa"] if qa["question"] in by_sentence]
+        clip_order = list(clips[split])
         chats = []
-        for _ in range(n):
-            kind = rng.choices(kinds, weights)[0]
+        for index, kind in enumerate(_chat_kinds(split, n, rng, cfg)):
             if kind == "speak" and split == "comp":
                 kind = "image_qa"  # the assistant's voice is trained on train/val/test answers only
             if kind == "spoken_qa" and not askable:
                 kind = "image_qa"
             number += 1
             chat = {"id": f"chat{number:06d}", "kind": kind}
+            wording = family(split)
             if kind == "text_qa":
                 if rng.random() < 0.4:
                     qa = rng.choice(L.TEXT_QA)
                 else:
                     comp = split == "comp"
-                    qa = L.text_scene_question(S.sample_scene(rng, comp)["objects"], rng, S.allowed_pairs(comp))
+                    qa = L.text_scene_question(S.sample_scene(rng, comp)["objects"], rng, S.allowed_pairs(comp),
+                                               family=wording)
                 messages = [{"role": "user", "content": qa["question"]}, _assistant(L.as_sentence(qa["answer"]))]
                 chat["question_kind"] = qa["kind"]
             elif kind in ("image_qa", "speak", "caption"):
@@ -257,16 +339,19 @@ def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[s
                 messages = [_user({"type": "audio", "path": f"../speech/{utt['audio']}"}, rng.choice(TRANSCRIBE_PROMPTS)),
                             _assistant(utt["sentence"])]
             elif kind == "spoken_qa":
-                img, qa = rng.choice(askable)
-                utt = rng.choice(by_sentence[qa["question"]])
+                if split in HELD_OUT:
+                    img, qa, utt = askable[index % len(askable)]
+                else:
+                    img, qa, _ = rng.choice(askable)
+                    utt = rng.choice(by_sentence[qa["question"]])
                 messages = [_user({"type": "image", "path": f"../images/{img['image']}"},
                                   {"type": "audio", "path": f"../speech/{utt['audio']}"}),
                             _assistant(L.as_sentence(qa["answer"]))]
                 chat["question_kind"] = qa["kind"]
-            else:  # video_qa
-                clip = rng.choice(clips[split])
+            else:  # video_qa: held-out splits ask each clip's motion question once
+                clip = clip_order[index % len(clip_order)] if split in HELD_OUT else rng.choice(clips[split])
                 part = {"type": "video", "path": f"../video/{clip['video']}"}
-                if rng.random() < 0.7:
+                if split in HELD_OUT or rng.random() < 0.7:
                     messages = [_user(part, clip["question"]), _assistant(L.as_sentence(clip["answer"]))]
                     chat["question_kind"] = "motion"
                 else:
@@ -292,7 +377,7 @@ def plan_world(cfg: WorldConfig) -> Plan:
     """Every record of the world, before any media is rendered (speech `seconds` still None)."""
     images = _plan_images(cfg)
     clips = _plan_clips(cfg)
-    answers = sorted({qa["answer"] for split in ("train", "val", "test") for img in images[split] for qa in img["qa"]})
+    answers = sorted({qa["answer"] for split in ("train", "val", "test", "wild") for img in images[split] for qa in img["qa"]})
     speech = _plan_speech(cfg, images, answers)
     assistant_audio = {u["sentence"][:-1]: u["audio"] for u in speech["train"][-len(answers):]} if answers else {}
     text = _plan_text(cfg)
@@ -310,6 +395,8 @@ def _render_job(job: tuple) -> float | None:
         S.render_scene(spec, cfg.image_size).save(path, optimize=False)
     elif kind == "speech":
         wave = T.synthesize(spec["sentence"], spec["voice"], spec["rate"], spec["pitch"])
+        babble = [T.synthesize(*voice) for voice in spec["babble"]]
+        wave = P.apply_perturbation(wave, spec["room"], babble)
         T.write_wav(path, wave)
         return round(len(wave) / T.SAMPLE_RATE, 3)
     else:
@@ -388,7 +475,8 @@ def build_world(cfg: WorldConfig, out: str | Path, force: bool = False, workers:
     """Build the world into `out` (atomically: `<out>.tmp` then rename). Returns `out`.
 
     A complete world with the same settings is kept unless `force`; one with other settings is an
-    error without `force`, so a differently sized world is never silently reused.
+    error without `force`, so a differently sized world is never silently reused. A world made by an
+    older version of this code is rebuilt, with a message: it lacks what training now expects.
     """
     out = Path(out)
     marker = out / "world.json"
@@ -396,10 +484,14 @@ def build_world(cfg: WorldConfig, out: str | Path, force: bool = False, workers:
         cfg = dataclasses.replace(cfg, video_format=detect_video_format(cfg.image_size))
     if marker.exists() and not force:
         existing = json.loads(marker.read_text())
-        if existing.get("settings") == world_settings(cfg) and existing.get("version") == VERSION:
+        if existing.get("version") != VERSION:
+            log(f"{out} holds a world of version {existing.get('version', 1)}; this code makes version {VERSION}: "
+                "rebuilding it")
+        elif existing.get("settings") == world_settings(cfg):
             log(f"world at {out} is complete; use --force to rebuild")
             return out
-        raise WorldError(f"{out} holds a world with other settings; pass --force to replace it")
+        else:
+            raise WorldError(f"{out} holds a world with other settings; pass --force to replace it")
     start = time.time()
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -438,7 +530,12 @@ def build_world(cfg: WorldConfig, out: str | Path, force: bool = False, workers:
         "vocabulary": {"colours": L.COLOURS, "shapes": L.SHAPES, "sizes": L.SIZES, "numbers": L.NUMBERS,
                        "directions": L.DIRECTIONS, "places": sorted(L.PLACE_NAMES.values())},
         "held_out": {"pairs": [list(p) for p in S.HELD_OUT_PAIRS], "voices": list(T.HELD_OUT_VOICES)},
-        "voices": list(T.TRAIN_VOICES), "assistant_voice": T.ASSISTANT, "sample_rate": T.SAMPLE_RATE,
+        "wild": {  # what the wild split holds that training never sees
+            "voices": list(T.WILD_VOICES), "noises": list(P.WILD_NOISES),
+            "rendering": "textured backgrounds, shapes with a contrasting border, no anti-aliasing, rotation up to 30 degrees",
+            "templates": {kind: list(t["wild"]) for kind, t in L.QUESTION_TEMPLATES.items()},
+        },
+        "voices": list(T.TRAIN_VOICES), "noises": list(P.TRAIN_NOISES), "assistant_voice": T.ASSISTANT, "sample_rate": T.SAMPLE_RATE,
     }
     tmp_marker = tmp / "world.json.tmp"
     tmp_marker.write_text(json.dumps(info, indent=1) + "\n")

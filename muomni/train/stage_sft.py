@@ -38,7 +38,8 @@ from muomni.audio import LogMel, cer, load_audio
 from muomni.checkpoint import CheckpointError, load_checkpoint
 from muomni.config import OmniConfig, TrainConfig, from_dict
 from muomni.data.index import JsonlIndex
-from muomni.data.language import as_sentence
+from muomni.data.language import COLOURS, PLACE_PHRASES, SHAPES, SIZES, as_sentence
+from muomni.data.world import HELD_OUT
 from muomni.omni import Media, OmniModel, expand_sequence, media_parts, shift_targets
 from muomni.thinker import IGNORE_INDEX
 from muomni.tokenizer import Tokenizer
@@ -46,7 +47,10 @@ from muomni.train.stages import StageError, manifest, resolve_configs, run_stage
 
 STAGE = "sft"
 TALKER_WEIGHT = 0.5  # weight of the Talker's code loss next to the Thinker's text loss
-EVAL_MAX_NEW_TOKENS = 40  # longest evaluated answer (captions are the longest)
+EVAL_MAX_NEW_TOKENS = 40  # longest evaluated answer (captions and transcripts are the longest)
+SHORT_ANSWER_TOKENS = 8  # questions are answered in a word or two: no need to generate further
+LONG_KINDS = ("caption", "transcribe")  # the chat kinds whose answers are sentences
+PROBE_PER_KIND = 48  # validation questions per kind asked at each validation for the learning curve
 
 TRAIN_DEFAULTS = {
     "tiny": TrainConfig(steps=700, batch_size=32, lr=1e-3, min_lr_ratio=0.1, warmup_steps=40,
@@ -131,13 +135,26 @@ def assemble(runs_dir: Path, cfg: OmniConfig) -> tuple[OmniModel, list[str]]:
     for stage, attribute, _ in PARTS:
         if stage in found:
             load_part(getattr(model, attribute), found[stage][0], attribute, found[stage][2])
+    if model.visual_words is not None:
+        if "vision" in found:
+            load_part(model.visual_words.heads, found["vision"][0], "attribute heads", found["vision"][2])
+        model.visual_words.init_words(lambda head, cls: word_embedding(model, cfg.visual_words[head][cls - 1]))
     return model, notes
+
+
+def word_embedding(model: OmniModel, word: str) -> torch.Tensor:
+    """The Thinker's input embedding of ``word`` as it appears inside a sentence (after a space),
+    averaged over its tokens: ``(d_model,)``."""
+    ids = model.tokenizer_or_fail().encode(" " + word)
+    return model.thinker.tok_emb.weight[ids].mean(0)
 
 
 def freeze(model: OmniModel, train_encoders: bool) -> None:
     """Encoders and codec frozen (unless ``train_encoders``); projectors, Thinker and Talker trained."""
     for module in (model.audio, model.vision, model.codec):
         module.requires_grad_(False)
+    if model.visual_words is not None:  # the ViT's attribute heads belong to the frozen encoder
+        model.visual_words.heads.requires_grad_(False)
     if train_encoders:
         model.audio.requires_grad_(True)
         model.vision.requires_grad_(True)
@@ -177,13 +194,13 @@ def story_chats(text: str) -> list[list[dict[str, Any]]]:
     return chats
 
 
-def extra_chats(data_dir: Path) -> list[dict[str, Any]]:
-    """Question chats built from the world's train manifests (paths relative to ``chat/``)."""
+def extra_chats(data_dir: Path, split: str = "train") -> list[dict[str, Any]]:
+    """Question chats built from the world's manifests of ``split`` (paths relative to ``chat/``)."""
     rows: list[dict[str, Any]] = []
-    images = Path(data_dir) / "images" / "train.jsonl"
-    speech = Path(data_dir) / "speech" / "train.jsonl"
-    video = Path(data_dir) / "video" / "train.jsonl"
-    stories = Path(data_dir) / "text" / "train.jsonl"
+    images = Path(data_dir) / "images" / f"{split}.jsonl"
+    speech = Path(data_dir) / "speech" / f"{split}.jsonl"
+    video = Path(data_dir) / "video" / f"{split}.jsonl"
+    stories = Path(data_dir) / "text" / f"{split}.jsonl"
     spoken: dict[str, list[dict]] = {}
     if speech.is_file():
         for utt in JsonlIndex(speech):
@@ -194,10 +211,12 @@ def extra_chats(data_dir: Path) -> list[dict[str, Any]]:
         for img in JsonlIndex(images):
             picture = {"type": "image", "path": f"../images/{img['image']}"}
             for k, qa in enumerate(img.get("qa", [])):
-                rows.append({"kind": "image_qa", "messages": _chat(picture, qa["question"], as_sentence(qa["answer"]))})
+                asks = {"question_kind": qa["kind"]} if "kind" in qa else {}
+                rows.append({"kind": "image_qa", **asks,
+                             "messages": _chat(picture, qa["question"], as_sentence(qa["answer"]))})
                 voices = spoken.get(qa["question"])
                 if voices:
-                    rows.append({"kind": "spoken_qa", "messages": [
+                    rows.append({"kind": "spoken_qa", **asks, "messages": [
                         {"role": "user", "content": [picture, voices[k % len(voices)]]},
                         {"role": "assistant", "content": as_sentence(qa["answer"])}]})
     if stories.is_file():  # reading questions in chat form: the Thinker keeps what stage A taught it
@@ -206,7 +225,8 @@ def extra_chats(data_dir: Path) -> list[dict[str, Any]]:
     if video.is_file():
         for clip in JsonlIndex(video):
             part = {"type": "video", "path": f"../video/{clip['video']}"}
-            rows.append({"kind": "video_qa", "messages": _chat(part, clip["question"], as_sentence(clip["answer"]))})
+            rows.append({"kind": "video_qa", "question_kind": "motion",
+                         "messages": _chat(part, clip["question"], as_sentence(clip["answer"]))})
     return rows
 
 
@@ -360,7 +380,8 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
     val_data = ChatSamples(chat_rows(data_dir, "val"), chat_dir, model, cache, store) \
         if (chat_dir / "val.jsonl").is_file() else None
     return run_stage(STAGE, Path(runs_dir), model, model.cfg, train_cfg, train_data, collate, loss_fn,
-                     val_data=val_data, tokenizer=model.tokenizer, resume=resume, preset=preset)
+                     val_data=val_data, tokenizer=model.tokenizer, resume=resume, preset=preset,
+                     probe=learning_probe(data_dir))
 
 
 def normalize_answer(text: str) -> str:
@@ -373,14 +394,30 @@ def is_video_caption(row: dict[str, Any]) -> bool:
     return row["kind"] == "video_qa" and len(normalize_answer(row["messages"][-1]["content"]).split()) > 2
 
 
+CAPTION_OBJECT = re.compile(rf"\b({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+                            rf"(?: ({'|'.join(PLACE_PHRASES.values())}))?")
+
+
+def caption_facts(reference: str, answer: str) -> float:
+    """What a caption gets right, from 0 to 1: the colour, shape, size and place of each object,
+    matched object by object (each reference object with the answer's object that shares most of
+    them), over four facts per object of the longer of the two lists (so an invented object costs)."""
+    said = [m.groups() for m in CAPTION_OBJECT.finditer(normalize_answer(answer))]
+    truth = [m.groups() for m in CAPTION_OBJECT.finditer(normalize_answer(reference))]
+    if not truth:
+        return float(not said)
+    right = sum(max((sum(a == b for a, b in zip(obj, guess)) for guess in said), default=0) for obj in truth)
+    return right / (4 * max(len(truth), len(said)))
+
+
 def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, Any]:
-    """Accuracy per chat kind, caption exact match, transcription CER, and counts; for image
-    questions also the accuracy per question kind (``image_qa_by_question``: colour, position, ...)."""
+    """Accuracy per chat kind with its count (``n_<kind>``), transcription CER, the share of caption
+    facts right (`caption_facts`), and for every question kind that says what it asks the accuracy
+    per question kind (``image_qa_by_question``: colour, position, ...)."""
     right: Counter = Counter()
     total: Counter = Counter()
-    question_right: Counter = Counter()  # image questions, by question kind
-    question_total: Counter = Counter()
-    references, hypotheses = [], []
+    by_question: dict[str, Counter] = {}  # chat kind -> question kind -> right / total
+    references, hypotheses, facts = [], [], []
     for row, answer in zip(rows, answers):
         reference = row["messages"][-1]["content"]
         kind = "video_caption" if is_video_caption(row) else row["kind"]
@@ -388,24 +425,43 @@ def score(rows: list[dict[str, Any]], answers: list[str]) -> dict[str, Any]:
             references.append(normalize_answer(reference))
             hypotheses.append(normalize_answer(answer))
             continue
+        if kind == "caption":
+            facts.append(caption_facts(reference, answer))
         correct = normalize_answer(answer) == normalize_answer(reference)
         total[kind] += 1
         right[kind] += correct
-        if kind == "image_qa" and "question_kind" in row:
-            question_total[row["question_kind"]] += 1
-            question_right[row["question_kind"]] += correct
+        if "question_kind" in row and kind != "video_qa":
+            counts = by_question.setdefault(kind, Counter())
+            counts[row["question_kind"]] += 1
+            counts[row["question_kind"] + "/right"] += correct
     metrics: dict[str, Any] = {f"{kind}_acc": right[kind] / total[kind] for kind in sorted(total)}
-    if question_total:
-        metrics["image_qa_by_question"] = {question: question_right[question] / question_total[question]
-                                           for question in sorted(question_total)}
+    for kind, counts in sorted(by_question.items()):
+        metrics[f"{kind}_by_question"] = {question: counts[question + "/right"] / counts[question]
+                                         for question in sorted(counts) if not question.endswith("/right")}
     metrics.update({f"n_{kind}": float(total[kind]) for kind in sorted(total)})
+    if facts:
+        metrics["caption_facts"] = sum(facts) / len(facts)
     if references:
         metrics["transcribe_cer"] = cer(references, hypotheses)
         metrics["n_transcribe"] = float(len(references))
     return metrics
 
 
-def evaluate_model(model: OmniModel, data_dir: Path, splits: tuple[str, ...] = ("test", "comp"),
+def answer_rows(model: OmniModel, rows: list[dict[str, Any]], chat_dir: Path) -> list[str]:
+    """Greedy answers to ``rows`` (each without its last assistant turn): questions get
+    `SHORT_ANSWER_TOKENS`, captions and transcripts `EVAL_MAX_NEW_TOKENS`."""
+    answers = [""] * len(rows)
+    for long in (False, True):
+        picked = [i for i, row in enumerate(rows) if (row["kind"] in LONG_KINDS or is_video_caption(row)) == long]
+        if picked:
+            said = model.answer_batch([rows[i]["messages"][:-1] for i in picked],
+                                      EVAL_MAX_NEW_TOKENS if long else SHORT_ANSWER_TOKENS, chat_dir, batch_size=64)
+            for i, answer in zip(picked, said):
+                answers[i] = answer
+    return answers
+
+
+def evaluate_model(model: OmniModel, data_dir: Path, splits: tuple[str, ...] = HELD_OUT,
                    limit: int | None = None) -> dict[str, dict[str, float]]:
     """Answer every held-out chat of ``splits`` (the last assistant turn removed) and `score` them."""
     results = {}
@@ -414,9 +470,29 @@ def evaluate_model(model: OmniModel, data_dir: Path, splits: tuple[str, ...] = (
         if not (chat_dir / f"{split}.jsonl").is_file():
             continue
         rows = chat_rows(data_dir, split)[:limit]
-        answers = model.answer_batch([row["messages"][:-1] for row in rows], EVAL_MAX_NEW_TOKENS, chat_dir)
-        results[split] = score(rows, answers)
+        results[split] = score(rows, answer_rows(model, rows, chat_dir))
     return results
+
+
+def learning_probe(data_dir: Path) -> Any:
+    """The learning curve's probe: exact-answer accuracy on `PROBE_PER_KIND` validation questions of
+    each kind (image, spoken, video, text), built from the world's val manifests. None without them."""
+    rows: list[dict[str, Any]] = []
+    if (Path(data_dir) / "images" / "val.jsonl").is_file():
+        by_kind: dict[str, list[dict[str, Any]]] = {}
+        for row in extra_chats(data_dir, "val"):
+            by_kind.setdefault(row["kind"], []).append(row)
+        for kind in ("image_qa", "spoken_qa", "video_qa", "text_qa"):
+            rows += by_kind.get(kind, [])[::max(1, len(by_kind.get(kind, [])) // PROBE_PER_KIND)][:PROBE_PER_KIND]
+    if not rows:
+        return None
+    chat_dir = Path(data_dir) / "chat"
+
+    def probe(model: OmniModel) -> dict[str, float]:
+        metrics = score(rows, answer_rows(model, rows, chat_dir))
+        return {key: value for key, value in metrics.items() if key.endswith("_acc")}
+
+    return probe
 
 
 def evaluate(runs_dir: Path, data_dir: Path) -> dict:

@@ -42,6 +42,7 @@ from muomni.config import (ConfigError, OmniConfig, TrainConfig, apply_overrides
 from muomni.data.collate import pad
 from muomni.data.index import JsonlIndex
 from muomni.data.speech import ASSISTANT
+from muomni.data.world import HELD_OUT
 from muomni.talker import Talker
 from muomni.thinker import Thinker
 from muomni.tokenizer import Tokenizer
@@ -332,7 +333,9 @@ def evaluate(runs_dir: Path, data_dir: Path) -> dict[str, Any]:
     aut_frontend = LogMel(aut.cfg)
     vocoder = GriffinLimVocoder(codec.cfg)
     results: dict[str, Any] = {}
-    for split in ("test", "comp"):
+    for split in HELD_OUT:
+        if not (Path(data_dir) / "speech" / f"{split}.jsonl").is_file():
+            continue
         utts = load_utterances(data_dir, split, codec.frontend, EVAL_LIMIT, keep_wave=True)
         refs = [u["text"] for u in utts]
 

@@ -25,6 +25,7 @@ from muomni.checkpoint import load_checkpoint
 from muomni.codec import MelFrontend
 from muomni.config import TrainConfig
 from muomni.data.index import JsonlIndex
+from muomni.data.world import HELD_OUT
 from muomni.train.stage_audio import load_aut
 from muomni.train.stage_speech import _omni_config, load_utterances
 from muomni.train.stages import StageError, resolve_configs, run_stage, stage_checkpoint
@@ -105,7 +106,9 @@ def evaluate(runs_dir: Path, data_dir: Path) -> dict[str, Any]:
     except StageError:
         aut = None
     results: dict[str, Any] = {}
-    for split in ("test", "comp"):
+    for split in HELD_OUT:
+        if not (Path(data_dir) / "speech" / f"{split}.jsonl").is_file():
+            continue
         utts = load_utterances(data_dir, split, frontend, EVAL_LIMIT, keep_wave=True)
         metrics: dict[str, float] = {"utterances": len(utts)}
         for name, vocode in (("hifigan", lambda m: generator(m[None])[0]), ("griffin_lim", lambda m: griffin_lim(m[None])[0])):

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from muomni.checkpoint import resolve
 from muomni.config import ConfigError, OmniConfig, TrainConfig, apply_overrides, preset as load_preset, to_dict
+from muomni.data.world import VERSION as WORLD_VERSION
 from muomni.train.trainer import LossFn, Trainer
 
 STAGES = {
@@ -80,15 +81,17 @@ def resolve_configs(preset: str, train_defaults: dict[str, TrainConfig],
 
 def run_stage(stage: str, runs_dir: Path, model: nn.Module, model_config: Any, train_cfg: TrainConfig,
               train_data: Dataset, collate_fn: Callable, loss_fn: LossFn, *, val_data: Dataset | None = None,
-              tokenizer: Any = None, resume: bool = False, preset: str = "") -> Path:
+              tokenizer: Any = None, resume: bool = False, preset: str = "",
+              probe: Callable[[nn.Module], dict[str, float]] | None = None) -> Path:
     """Train ``model`` with the shared `Trainer` into ``runs_dir/<stage>/`` and return that directory.
 
-    ``model_config`` (a dataclass) is saved in every checkpoint with ``"kind": stage``.
+    ``model_config`` (a dataclass) is saved in every checkpoint with ``"kind": stage``; ``probe``
+    scores the model at each validation for the learning curve (see `Trainer`).
     """
     run_dir = Path(runs_dir) / stage
     run_config = {"stage": stage, "preset": preset, "model": to_dict(model_config), "train": to_dict(train_cfg)}
     trainer = Trainer(model, train_cfg, run_dir, train_data, collate_fn, loss_fn, val_data=val_data,
-                      run_config=run_config, tokenizer=tokenizer, checkpoint_extra={"kind": stage})
+                      run_config=run_config, tokenizer=tokenizer, checkpoint_extra={"kind": stage}, probe=probe)
     final = trainer.fit(resume=resume)
     if trainer.rank == 0:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float))
@@ -111,6 +114,10 @@ def manifest(data_dir: Path, folder: str, split: str) -> Path:
     path = Path(data_dir) / folder / f"{split}.jsonl"
     if not path.is_file():
         raise StageError(f"{path} does not exist; build the world with `muomni data world --out {data_dir}`")
+    info = Path(data_dir) / "world.json"
+    if info.is_file() and (version := json.loads(info.read_text()).get("version", 1)) != WORLD_VERSION:
+        raise StageError(f"{data_dir} holds a world of version {version} (this code makes version {WORLD_VERSION}); "
+                         f"rebuild it with `muomni data world --out {data_dir} --force`")
     return path
 
 

@@ -112,8 +112,11 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, out_dir: str | Path, train_data: Dataset,
                  collate_fn: Callable, loss_fn: LossFn, val_data: Dataset | None = None,
                  run_config: dict | None = None, tokenizer: Any = None,
-                 checkpoint_extra: dict | None = None):
+                 checkpoint_extra: dict | None = None, probe: Callable[[nn.Module], dict[str, float]] | None = None):
         self.cfg, self.out_dir = cfg, Path(out_dir)
+        # At each validation, ``probe(model)`` measures what the model can do (accuracy per kind, say);
+        # the scores go to metrics.jsonl against training minutes and are drawn in learning_curve.png.
+        self.probe = probe
         self.train_data, self.val_data, self.collate_fn = train_data, val_data, collate_fn
         self.run_config, self.tokenizer = run_config or {}, tokenizer
         self.checkpoint_extra = checkpoint_extra
@@ -374,6 +377,24 @@ class Trainer:
         figure.tight_layout()
         figure.savefig(self.out_dir / "loss.png", dpi=100)
 
+    def _plot_curve(self) -> None:
+        """learning_curve.png: every probe score against training minutes."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        records = [r for r in self._metrics() if r.get("split") == "probe"]
+        if self.rank != 0 or not records:
+            return
+        figure = Figure(figsize=(6, 3.5))
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        for key in sorted(k for k in records[-1] if k not in ("step", "split", "train_minutes")):
+            axes.plot([r["train_minutes"] for r in records], [r.get(key) for r in records], marker="o", label=key)
+        axes.set(xlabel="training minutes", ylabel="score", title=f"{self.out_dir.name}: what it can do")
+        axes.legend(fontsize="small")
+        figure.tight_layout()
+        figure.savefig(self.out_dir / "learning_curve.png", dpi=100)
+
     def _write_run(self, finished: bool, final: dict[str, float] | None = None) -> None:
         if self.rank == 0:
             run = {**self.run_config, "train": to_dict(self.cfg), "world_size": self.world,
@@ -406,10 +427,13 @@ class Trainer:
         started, window_seconds, window_tokens = time.perf_counter(), 0.0, 0.0
         train: dict[str, float] = {}
         val: dict[str, float] = {}
+        # Training minutes for the learning curve: optimiser steps only, carried over a resume.
+        train_seconds = 60 * max([r.get("train_minutes", 0.0) for r in self._metrics()], default=0.0)
         while self.step < cfg.steps:
             step_start = time.perf_counter()
             train = self._train_step(batches)
             window_seconds += time.perf_counter() - step_start
+            train_seconds += time.perf_counter() - step_start
             window_tokens += train.pop("tokens")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 train["tokens_per_s"] = window_tokens / max(window_seconds, 1e-9)
@@ -423,6 +447,10 @@ class Trainer:
                                               or self.step == cfg.steps):
                 val = self.evaluate()
                 self._log({"step": self.step, "split": "val", **val})
+                if self.probe is not None:
+                    self._log({"step": self.step, "split": "probe", "train_minutes": round(train_seconds / 60, 3),
+                               **self.probe(self.model)})
+                    self._plot_curve()
                 if val["loss"] < self.best_val:
                     self.best_val = val["loss"]
                     self._save("best")
