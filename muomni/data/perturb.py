@@ -159,10 +159,12 @@ def make_noise(spec: dict, n: int, rng: np.random.Generator, babble: list[np.nda
     if kind in ("white", "pink", "brown"):
         noise = coloured_noise(n, {"white": 0, "pink": 1, "brown": 2}[kind], rng)
     elif kind == "hum":
-        t = np.arange(n) / SAMPLE_RATE
+        t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
         phases = rng.uniform(0, 2 * np.pi, 5)
-        # mains hum: the fundamental and its first harmonics, each weaker than the last
-        noise = sum(np.sin(2 * np.pi * k * spec["hum_hz"] * t + phases[k - 1]) / k for k in range(1, 6))
+        # mains hum: the fundamental and its first harmonics, each weaker than the last; one second
+        # holds whole cycles of 50 and 60 Hz, so it is computed once and repeated
+        second = sum(np.sin(2 * np.pi * k * spec["hum_hz"] * t + phases[k - 1]) / k for k in range(1, 6))
+        noise = np.resize(second, n)
     else:
         waves = [np.asarray(w, dtype=np.float64) for w in (babble or []) if len(w) > 0]
         if len(waves) < spec["talkers"]:
