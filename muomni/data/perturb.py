@@ -32,6 +32,7 @@ laptop's microphone so often picks it up.
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 
 import numpy as np
 
@@ -156,14 +157,19 @@ def apply_perturbation(wave: np.ndarray, spec: dict, babble: list[np.ndarray] | 
 def make_noise(spec: dict, n: int, rng: np.random.Generator, babble: list[np.ndarray] | None = None) -> np.ndarray:
     """Unit-power noise ``(n,)`` of the kind ``spec["noise"]``."""
     kind = spec["noise"]
-    if kind in ("white", "pink", "brown"):
-        noise = coloured_noise(n, {"white": 0, "pink": 1, "brown": 2}[kind], rng)
+    if kind == "white":
+        noise = rng.standard_normal(n)
+    elif kind in ("pink", "brown"):
+        # a stretch of a long precomputed noise: shaping a fresh one would cost two FFTs every time
+        buffer = _noise_buffer(1 if kind == "pink" else 2)
+        noise = buffer[(rng.integers(len(buffer)) + np.arange(n)) % len(buffer)]
     elif kind == "hum":
-        t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-        phases = rng.uniform(0, 2 * np.pi, 5)
-        # mains hum: the fundamental and its first harmonics, each weaker than the last; one second
-        # holds whole cycles of 50 and 60 Hz, so it is computed once and repeated
-        second = sum(np.sin(2 * np.pi * k * spec["hum_hz"] * t + phases[k - 1]) / k for k in range(1, 6))
+        # mains hum: the fundamental and its first harmonics, each weaker than the last, at random
+        # phases (sin(a + p) = sin a cos p + cos a sin p); one second holds whole cycles of 50 and 60 Hz
+        sines, cosines = _hum_tables(spec["hum_hz"])
+        phases = rng.uniform(0, 2 * np.pi, len(sines))
+        weights = 1 / np.arange(1, len(sines) + 1)
+        second = (weights * np.cos(phases)) @ sines + (weights * np.sin(phases)) @ cosines
         noise = np.resize(second, n)
     else:
         waves = [np.asarray(w, dtype=np.float64) for w in (babble or []) if len(w) > 0]
@@ -186,6 +192,19 @@ def coloured_noise(n: int, exponent: int, rng: np.random.Generator) -> np.ndarra
     spectrum *= np.maximum(freqs, 20.0) ** (-exponent / 2)  # flat below 20 Hz: no endless drift
     spectrum[0] = 0.0
     return np.fft.irfft(spectrum, size)[:n]
+
+
+@lru_cache(maxsize=None)
+def _noise_buffer(exponent: int) -> np.ndarray:
+    """32.8 s of coloured noise ``(2**19,)``, the same in every process; it loops seamlessly."""
+    return coloured_noise(2**19, exponent, np.random.default_rng(exponent))
+
+
+@lru_cache(maxsize=None)
+def _hum_tables(hz: int, harmonics: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """sin and cos of harmonics 1..``harmonics`` of ``hz`` over one second: two ``(harmonics, 16000)``."""
+    angles = 2 * np.pi * hz * np.arange(1, harmonics + 1)[:, None] * np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    return np.sin(angles), np.cos(angles)
 
 
 def reverberate(x: np.ndarray, rt60_s: float, rng: np.random.Generator) -> np.ndarray:
