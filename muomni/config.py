@@ -82,6 +82,7 @@ class AudioConfig(TransformerConfig):
     spec_time_width: int = 20  # SpecAugment: widest time mask in frames
     spec_freq_masks: int = 2  # SpecAugment: frequency masks per utterance
     spec_freq_width: int = 16  # SpecAugment: widest frequency mask in bins
+    augment_prob: float = 0.5  # share of training draws perturbed by noise, reverb, band, gain, speed
 
 
 @dataclass

@@ -323,7 +323,7 @@ def test_stage_audio_trains_and_evaluates(tmp_path):
 
     from muomni.train import stage_audio
 
-    write_speech_manifests(tmp_path / "world", {"train": 12, "val": 4, "test": 4, "comp": 3})
+    write_speech_manifests(tmp_path / "world", {"train": 12, "val": 4, "test": 4, "comp": 3, "wild": 2})
     overrides = ["audio.n_layers=1", "audio.d_model=32", "audio.d_ff=64", "audio.conv_channels=32",
                  "train.steps=4", "train.batch_size=4", "train.eval_every=2", "train.save_every=2", "train.log_every=1"]
     run_dir = stage_audio.train("tiny", tmp_path / "world", tmp_path / "runs", overrides, resume=False)
@@ -334,8 +334,9 @@ def test_stage_audio_trains_and_evaluates(tmp_path):
     val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     assert val and all(0.0 <= record["cer"] for record in val)
     results = stage_audio.evaluate(tmp_path / "runs", tmp_path / "world")
-    assert set(results) == {"test", "comp"}
+    assert set(results) == {"test", "comp", "wild"}
     assert results["test"]["utterances"] == 4 and results["comp"]["utterances"] == 3
+    assert results["wild"]["utterances"] == 2
     assert results["test"]["cer"] >= 0 and results["comp"]["wer"] >= 0
 
 
@@ -349,3 +350,45 @@ def test_stage_audio_names_the_manifest_line_of_a_bad_file(tmp_path):
     assert data[0]["mels"].shape[1] == 20
     with pytest.raises(ManifestError, match=r"train.jsonl line 2: 2.wav is empty"):
         data[1]
+
+
+def test_training_draws_are_augmented_and_evaluation_draws_are_not(tmp_path, monkeypatch):
+    from muomni.train import stage_audio
+
+    write_speech_manifests(tmp_path, {"train": 8, "val": 2})
+    cfg = small_config(augment_prob=1.0)
+    torch.manual_seed(0)
+    train = stage_audio.SpeechFeatures(tmp_path / "speech" / "train.jsonl", cfg, augment=1.0)
+    first, second = train[3]["mels"], train[3]["mels"]
+    assert first.shape[1] == 20 and not torch.equal(first, second)  # a fresh perturbation per draw
+    torch.manual_seed(0)
+    assert torch.equal(train[3]["mels"], first)  # the trainer's seed decides them
+    clean = stage_audio.SpeechFeatures(tmp_path / "speech" / "train.jsonl", cfg)
+    assert torch.equal(clean[3]["mels"], clean[3]["mels"])
+    assert not torch.equal(clean[3]["mels"], first[: len(clean[3]["mels"])])
+
+    seen = {}
+    monkeypatch.setattr(stage_audio, "run_stage", lambda *args, **kwargs: seen.update(train=args[5], val=kwargs["val_data"]))
+    stage_audio.train("tiny", tmp_path, tmp_path / "runs", ["audio.augment_prob=0.3"], resume=False)
+    assert seen["train"].augment == 0.3 and seen["val"].augment == 0.0
+
+
+def test_augmentation_can_be_switched_off_and_is_a_probability(tmp_path):
+    from muomni.train import stage_audio
+
+    write_speech_manifests(tmp_path, {"train": 3})
+    data = stage_audio.SpeechFeatures(tmp_path / "speech" / "train.jsonl", small_config(), augment=0.0)
+    assert torch.equal(data[1]["mels"], data[1]["mels"])
+    with pytest.raises(ValueError, match="augment is 1.5; expected a probability"):
+        stage_audio.SpeechFeatures(tmp_path / "speech" / "train.jsonl", small_config(), augment=1.5)
+
+
+def test_a_bad_babble_file_names_its_own_line(tmp_path):
+    from muomni.data.index import ManifestError
+    from muomni.train.stage_audio import SpeechFeatures
+
+    write_speech_manifests(tmp_path, {"train": 2})
+    (tmp_path / "speech" / "wav" / "2.wav").write_bytes(b"")
+    data = SpeechFeatures(tmp_path / "speech" / "train.jsonl", small_config(), augment=1.0)
+    with pytest.raises(ManifestError, match=r"train.jsonl line 2: 2.wav is empty"):
+        data.waveform(1)

@@ -12,6 +12,10 @@ depends only on the arguments:
 
 `synthesize(text, voice, rate, pitch)` returns a float32 waveform `(samples,)` at 16 kHz mono,
 resampled with torchaudio's band-limited sinc resampler and trimmed of long silences.
+
+The voices vary like real speakers: eight English accents times thirty voice variants, rates of
+120-220 words per minute and pitches 20-90. `TRAIN_VOICES` and `WILD_VOICES` are disjoint; the
+world adds noise, rooms and channels on top with `muomni.data.perturb`.
 """
 
 from __future__ import annotations
@@ -24,13 +28,24 @@ import numpy as np
 
 SAMPLE_RATE = 16000  # every waveform of the world is 16 kHz mono
 
-# voices: an English accent plus a voice variant (formants, breathiness, pitch range)
-TRAIN_VOICES = (
-    "en-us+m1", "en-us+m3", "en-us+f1", "en-us+f3", "en+m2", "en+f2", "en-gb-x-rp+m5", "en-gb-x-rp+f4",
-)
-HELD_OUT_VOICES = ("en-us+m4", "en+f5")  # voices heard only in the `comp` split
-RATES = (145, 195)  # words per minute, sampled uniformly
-PITCHES = (30, 70)  # eSpeak pitch 0-99, sampled uniformly
+# A voice is an English accent (espeak-ng-data/lang/gmw/en*) plus a voice variant (voices/!v: formants,
+# breathiness, pitch range, or another synthesiser such as Klatt's). Robotic and novelty variants and
+# "en-shaw" (the Shavian alphabet: the same sounds as "en") are left out. Some accents and some
+# variants are held out of training entirely, so the `wild` split hears speakers that differ from
+# every training speaker in accent, in voice, or in both.
+TRAIN_ACCENTS = ("en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan", "en-029")
+WILD_ACCENTS = ("en-us-nyc", "en-gb-x-gbcwmd")  # New York City, West Midlands: never in training
+TRAIN_VARIANTS = ("m1", "m2", "m3", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "klatt", "klatt3", "croak",
+                  "whisper", "Annie", "aunty", "david", "ed", "linda", "robert")
+WILD_VARIANTS = ("m4", "m8", "f5", "klatt2", "klatt4", "whisperf", "grandma", "quincy", "edward", "michel")
+TRAIN_VOICES = tuple(f"{accent}+{variant}" for accent in TRAIN_ACCENTS for variant in TRAIN_VARIANTS)
+# every other pairing: a new accent, a new variant, or both
+WILD_VOICES = tuple(f"{accent}+{variant}" for accent in TRAIN_ACCENTS + WILD_ACCENTS
+                    for variant in TRAIN_VARIANTS + WILD_VARIANTS
+                    if accent in WILD_ACCENTS or variant in WILD_VARIANTS)
+HELD_OUT_VOICES = ("en-us+m4", "en+f5")  # voices of the `comp` split: two of the wild voices
+RATES = (120, 220)  # words per minute, sampled uniformly
+PITCHES = (20, 90)  # eSpeak pitch 0-99, sampled uniformly
 # the assistant always speaks with one voice, so the Talker learns a single speaker
 ASSISTANT = {"voice": "en-us+f3", "rate": 165, "pitch": 50}
 
@@ -67,6 +82,10 @@ def _speak_raw(text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray
     import _ctypes
 
     path, data_path = _library()
+    variant = voice.partition("+")[2]
+    if variant and not (Path(data_path.decode()) / "voices" / "!v" / variant).is_file():
+        # eSpeak NG would quietly speak an unknown variant with the plain accent
+        raise SpeechError(f"eSpeak NG has no voice variant '{variant}' (in '{voice}'); try e.g. 'en-us+f3'")
     chunks: list[np.ndarray] = []
 
     def collect(wav, n: int, events) -> int:

@@ -1,18 +1,24 @@
 """Stage B: the AuT encoder learns to hear by transcribing speech with CTC.
 
-Each utterance of ``speech/<split>.jsonl`` becomes a normalised log-mel ``(frames, n_mels)`` (computed
-once and kept in memory, so later epochs skip decoding and the STFT) and a character transcript.
-Training applies SpecAugment, runs the AuT, and minimises the CTC loss of the 25 Hz character
-logits; validation also decodes greedily and reports the character error rate.
+Each utterance of ``speech/<split>.jsonl`` becomes a normalised log-mel ``(frames, n_mels)`` and a
+character transcript. Training draws are augmented on the fly: with probability ``audio.augment_prob``
+a fresh random perturbation (`muomni.data.perturb`: noise, babble of other training utterances,
+reverb, telephone band, gain, speed) is applied to the waveform before the log-mel, so each epoch
+hears the corpus in new rooms and channels; then SpecAugment masks the mel. Decoded waveforms are
+kept in memory, so later epochs skip decoding. Validation and evaluation are never augmented and
+keep the mels themselves. The AuT minimises the CTC loss of its 25 Hz character logits; validation
+also decodes greedily and reports the character error rate.
 
-Evaluation transcribes the ``test`` split (unseen utterances) and the ``comp`` split (voices never
-heard in training) and reports CER and WER, both computed with ``torchaudio.functional.edit_distance``.
+Evaluation transcribes every held-out split there is: ``test`` (unseen utterances), ``comp`` (voices
+never heard in training) and ``wild`` (held-out accents, voice variants and noises), and reports CER
+and WER, both computed with ``torchaudio.functional.edit_distance``.
 
 Usage: ``muomni train --stage audio --preset tiny`` then ``muomni eval --stage audio``.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +34,11 @@ from muomni.checkpoint import load_checkpoint, resolve
 from muomni.config import AudioConfig, TrainConfig, from_dict
 from muomni.data.datasets import TensorCache
 from muomni.data.index import JsonlIndex
+from muomni.data.perturb import TALKERS, TRAIN_NOISES, apply_perturbation, sample_perturbation
 from muomni.train.stages import StageError, manifest, resolve_configs, run_stage
 
 STAGE = "audio"
+HELD_OUT_SPLITS = ("test", "comp", "wild")  # evaluated whenever the data has them
 
 TRAIN_DEFAULTS = {
     # About 2 minutes on 2 CPU cores on the default world (~2,400 utterances of 0.3-2.7 s): ~5 epochs,
@@ -48,15 +56,21 @@ class SpeechFeatures(Dataset):
     """``speech/<split>.jsonl`` as ``{"mels": (frames, n_mels), "targets": (chars,), "text": str}``.
 
     Features are computed on first use and cached in memory up to ``cache_mb`` (the default world
-    fits many times over); a bad file raises a one-line error naming the manifest line.
+    fits many times over); a bad file raises a one-line error naming the manifest line. With
+    ``augment`` > 0 (training), each draw is perturbed with that probability by a fresh random
+    `sample_perturbation` of `TRAIN_NOISES` (babble from other utterances of the same manifest), so
+    the cache keeps waveforms, and the mel only of the clean version.
     """
 
-    def __init__(self, manifest: Path, cfg: AudioConfig, cache_mb: float = 1024):
+    def __init__(self, manifest: Path, cfg: AudioConfig, cache_mb: float = 1024, augment: float = 0.0):
+        if not 0.0 <= augment <= 1.0:
+            raise ValueError(f"augment is {augment}; expected a probability from 0 to 1")
         self.index = JsonlIndex(manifest, required=("audio", "text"))
         self.base = Path(manifest).parent
         self.cfg = cfg
         self.frontend = LogMel(cfg)
         self.cache = TensorCache(cache_mb)
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.index)
@@ -75,9 +89,32 @@ class SpeechFeatures(Dataset):
 
     @torch.no_grad()
     def features(self, i: int, record: dict) -> torch.Tensor:
-        """The normalised log-mel ``(frames, n_mels)`` of item ``i``, from the cache when it is there."""
+        """The normalised log-mel ``(frames, n_mels)`` of item ``i``: cached, or freshly perturbed."""
         path = self.base / record["audio"]
-        return self.cache.get(i, lambda: self.frontend(load_audio(path, self.cfg.sample_rate, self.cfg.max_seconds)))
+        if self.augment == 0.0:
+            return self.cache.get(i, lambda: self.frontend(load_audio(path, self.cfg.sample_rate, self.cfg.max_seconds)))
+        # drawn from torch's generator: seeded by the trainer, saved for resume, distinct in each loader worker
+        rng = random.Random(int(torch.randint(2**62, ())))
+        if rng.random() >= self.augment:
+            return self.cache.get(("mel", i), lambda: self.frontend(self.waveform(i)))
+        many = len(self) > TALKERS[1]  # babble needs enough other utterances to mix
+        spec = sample_perturbation(rng, TRAIN_NOISES if many else tuple(k for k in TRAIN_NOISES if k != "babble"))
+        babble = None
+        if spec["noise"] == "babble":
+            others = [j + (j >= i) for j in rng.sample(range(len(self) - 1), spec["talkers"])]
+            babble = [self.waveform(j).numpy() for j in others]
+        wave = apply_perturbation(self.waveform(i).numpy(), spec, babble)
+        return self.frontend(torch.from_numpy(wave))
+
+    def waveform(self, i: int) -> torch.Tensor:
+        """The decoded waveform ``(samples,)`` of item ``i`` at ``cfg.sample_rate``, cached."""
+        def decode() -> torch.Tensor:
+            try:
+                return load_audio(self.base / self.index[i]["audio"], self.cfg.sample_rate, self.cfg.max_seconds)
+            except AudioError as error:
+                raise self.index.error(i, str(error)) from None
+
+        return self.cache.get(("wave", i), decode)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -107,7 +144,7 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
     """Train the AuT with CTC on ``data_dir/speech`` into ``runs_dir/audio``."""
     omni, train_cfg = resolve_configs(preset, TRAIN_DEFAULTS, overrides)
     cfg = omni.audio
-    train_data = SpeechFeatures(manifest(data_dir, "speech", "train"), cfg)
+    train_data = SpeechFeatures(manifest(data_dir, "speech", "train"), cfg, augment=cfg.augment_prob)
     val_path = Path(data_dir) / "speech" / "val.jsonl"
     val_data = SpeechFeatures(val_path, cfg) if val_path.is_file() else None
     torch.manual_seed(train_cfg.seed)
@@ -137,15 +174,16 @@ def transcribe_split(model: AuT, data: SpeechFeatures, batch_size: int = 64) -> 
 
 
 def evaluate(runs_dir: Path, data_dir: Path) -> dict:
-    """CER and WER of greedy CTC transcripts on the ``test`` and ``comp`` splits."""
+    """CER and WER of greedy CTC transcripts on each of `HELD_OUT_SPLITS` the data holds."""
     model = load_aut(Path(runs_dir) / STAGE)
     results = {}
-    for split in ("test", "comp"):
+    for split in HELD_OUT_SPLITS:
         path = Path(data_dir) / "speech" / f"{split}.jsonl"
         if path.is_file():
             references, hypotheses = transcribe_split(model, SpeechFeatures(path, model.cfg))
             results[split] = {"cer": cer(references, hypotheses), "wer": wer(references, hypotheses),
                               "utterances": len(references)}
     if not results:
-        raise StageError(f"no held-out speech in {Path(data_dir) / 'speech'} (expected test.jsonl or comp.jsonl)")
+        raise StageError(f"no held-out speech in {Path(data_dir) / 'speech'} (expected "
+                         f"{', '.join(split + '.jsonl' for split in HELD_OUT_SPLITS)})")
     return results
