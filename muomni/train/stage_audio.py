@@ -90,8 +90,8 @@ class SpeechFeatures(Dataset):
     @torch.no_grad()
     def features(self, i: int, record: dict) -> torch.Tensor:
         """The normalised log-mel ``(frames, n_mels)`` of item ``i``: cached, or freshly perturbed."""
-        path = self.base / record["audio"]
         if self.augment == 0.0:
+            path = self.base / record["audio"]
             return self.cache.get(i, lambda: self.frontend(load_audio(path, self.cfg.sample_rate, self.cfg.max_seconds)))
         # drawn from torch's generator: seeded by the trainer, saved for resume, distinct in each loader worker
         rng = random.Random(int(torch.randint(2**62, ())))
