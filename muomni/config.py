@@ -97,6 +97,9 @@ class VisionConfig(TransformerConfig):
     n_kv_heads: int = 4
     image_size: int = 224  # images are resized to image_size x image_size
     patch_size: int = 16  # square patches; the grid is image_size // patch_size per side
+    conv_stem: int = 0  # channels of a small convolutional stem before the patches (0: the plain linear
+    # patch embedding). Early convolutions see edges and corners, which a tiny ViT trained on few
+    # pictures otherwise learns slowly (Xiao et al., 2021, "Early Convolutions Help Transformers See Better")
     embed_dim: int = 128  # width of the shared image-text embedding space
     text_layers: int = 2  # depth of the contrastive text tower
     text_max_len: int = 48  # longest caption (tokens) the text tower reads

@@ -1,12 +1,14 @@
 """`muomni demo` (`make demo`): the whole course in one command.
 
-1. builds the default world into ``data/world`` when it is missing (`muomni.data.world`);
-2. trains the stages thinker, audio, vision, speech and sft through the stage registry, one
-   progress line per stage with its wall time; a stage whose ``run.json`` says finished is reused;
-3. runs the evaluation suite (`muomni.eval`) and prints its table;
+1. builds the default world into ``data/world`` when it is missing or was made by an older version
+   (`muomni.data.world`);
+2. trains the stages thinker, audio, vision, speech and sft through the stage registry, two at a
+   time where they do not depend on each other (`STAGE_GROUPS`), one line per stage with its wall
+   time; a stage whose ``run.json`` says finished is reused;
+3. runs the evaluation suite (`muomni.eval`) on the test, comp and wild splits and prints its table;
 4. answers sample prompts from the held-out chats in every modality (a text question, an image
-   question, a spoken question about an image, a video question) and speaks one answer into
-   ``demo_out/answer.wav``.
+   question, a spoken question about an image, a video question; two from ``test``, one from
+   ``wild``), says which answers are wrong, and speaks one answer into ``demo_out/answer.wav``.
 
 A stage that is missing or fails is reported as such and the demo goes on with what exists; the
 summary at the end says what ran, what was reused and what failed.
@@ -24,6 +26,9 @@ from typing import Any
 import soundfile
 
 DEMO_STAGES = ("thinker", "audio", "vision", "speech", "sft")
+# Groups train one after the other; the stages inside a group need nothing from each other (vision
+# reads the thinker's tokenizer; speech needs the thinker and the audio stage; sft needs them all).
+STAGE_GROUPS = (("thinker", "audio"), ("vision", "speech"), ("sft",))
 SAMPLE_KINDS = {  # chat kind -> what the sample shows
     "text_qa": "text question",
     "image_qa": "image question",
@@ -52,35 +57,71 @@ def build_world(preset: str, data_dir: Path) -> str:
     return "built"
 
 
-def train_stages(preset: str, data_dir: Path, runs_dir: Path) -> dict[str, str]:
-    """Train each demo stage unless finished; returns stage -> 'reused' / 'trained (Ns)' / 'failed: ...'."""
-    from muomni.train.stages import is_finished, stage_module
+def _train_one(preset: str, data_dir: Path, runs_dir: Path, stage: str, threads: int) -> float:
+    """Train one stage (in this process or a worker) with ``threads`` CPU threads; returns seconds."""
+    import torch
+
+    from muomni.train.stages import stage_module
+
+    torch.set_num_threads(threads)
+    start = time.time()
+    stage_module(stage).train(preset, data_dir, runs_dir, [], False)
+    return time.time() - start
+
+
+def train_stages(preset: str, data_dir: Path, runs_dir: Path, workers: int = 2) -> dict[str, str]:
+    """Train each demo stage unless finished; returns stage -> 'reused' / 'trained (Ns)' / 'failed: ...'.
+
+    Stages of one `STAGE_GROUPS` group need nothing from each other, so with ``workers`` > 1 they
+    train side by side, each in its own process on one CPU thread: two small models on one thread each
+    get through more work than one after the other on two threads, whose matrices are too small to
+    split well. Their progress bars are turned off; each stage reports when it ends.
+    """
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from muomni.train.stages import is_finished
 
     status: dict[str, str] = {}
-    for number, stage in enumerate(DEMO_STAGES, 1):
-        tag = f"[{number}/{len(DEMO_STAGES)} {stage}]"
-        if is_finished(runs_dir, stage):
-            status[stage] = "reused"
-            _line(f"{tag} finished earlier: reusing {runs_dir / stage}")
+    number = {stage: k for k, stage in enumerate(DEMO_STAGES, 1)}
+    for group in STAGE_GROUPS:
+        todo = []
+        for stage in group:
+            if is_finished(runs_dir, stage):
+                status[stage] = "reused"
+                _line(f"[{number[stage]}/{len(DEMO_STAGES)} {stage}] finished earlier: reusing {runs_dir / stage}")
+            else:
+                todo.append(stage)
+        if not todo:
             continue
-        start = time.time()
-        _line(f"{tag} training ...")
-        try:
-            module = stage_module(stage)
-            module.train(preset, data_dir, runs_dir, [], False)
-        except ImportError as error:
-            status[stage] = f"missing: {error}"
-            _line(f"{tag} NOT TRAINED: its module is missing ({error})")
-            continue
-        except Exception as error:  # a failed stage must not hide the ones that work
-            status[stage] = f"failed: {type(error).__name__}: {error}"
-            _line(f"{tag} FAILED after {time.time() - start:.0f} s: {type(error).__name__}: {error}")
-            traceback.print_exc()
-            continue
-        seconds = time.time() - start
-        status[stage] = f"trained in {seconds:.0f} s"
-        _line(f"{tag} trained in {seconds:.0f} s -> {runs_dir / stage}")
+        _line(f"[{', '.join(f'{number[s]}/{len(DEMO_STAGES)} {s}' for s in todo)}] training ...")
+        if len(todo) > 1 and workers > 1:
+            os.environ["TQDM_DISABLE"] = "1"  # inherited by the workers: two bars would garble each other
+            with ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
+                jobs = {stage: pool.submit(_train_one, preset, data_dir, runs_dir, stage, 1) for stage in todo}
+                outcomes = {stage: _outcome(job.result) for stage, job in jobs.items()}
+            del os.environ["TQDM_DISABLE"]
+        else:
+            outcomes = {stage: _outcome(lambda s=stage: _train_one(preset, data_dir, runs_dir, s, workers)) for stage in todo}
+        for stage, (seconds, error) in outcomes.items():
+            tag = f"[{number[stage]}/{len(DEMO_STAGES)} {stage}]"
+            if error is None:
+                status[stage] = f"trained in {seconds:.0f} s"
+                _line(f"{tag} trained in {seconds:.0f} s -> {runs_dir / stage}")
+            else:  # a failed stage must not hide the ones that work
+                status[stage] = f"failed: {type(error).__name__}: {error}"
+                _line(f"{tag} FAILED: {type(error).__name__}: {error}")
     return status
+
+
+def _outcome(run) -> tuple[float, Exception | None]:
+    """(seconds, None) when ``run()`` trains its stage, (0, the error) when it fails."""
+    try:
+        return run(), None
+    except Exception as error:
+        traceback.print_exc()
+        return 0.0, error
 
 
 def run_eval(data_dir: Path, runs_dir: Path) -> str:
@@ -106,20 +147,20 @@ def run_eval(data_dir: Path, runs_dir: Path) -> str:
     return f"failed for {', '.join(failed)}" if failed else "done"
 
 
-def pick_samples(data_dir: Path) -> list[tuple[str, dict[str, Any]]]:
-    """One held-out chat per sample kind (the first of each kind in ``chat/test.jsonl``)."""
+def pick_samples(data_dir: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    """Per sample kind, the first two held-out chats of ``chat/test.jsonl`` and the first of
+    ``chat/wild.jsonl`` (when the world has one): ``[(split, kind, row), ...]``."""
     from muomni.train.stage_sft import is_video_caption
 
-    path = data_dir / "chat" / "test.jsonl"
-    picked: dict[str, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        kind = row["kind"]
-        if is_video_caption(row):  # show a motion question
+    picked = []
+    for split, per_kind in (("test", 2), ("wild", 1)):
+        path = data_dir / "chat" / f"{split}.jsonl"
+        if not path.is_file():
             continue
-        if kind in SAMPLE_KINDS and kind not in picked:
-            picked[kind] = row
-    return [(kind, picked[kind]) for kind in SAMPLE_KINDS if kind in picked]
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for kind in SAMPLE_KINDS:  # motion questions, not "describe the video"
+            picked += [(split, kind, row) for row in rows if row["kind"] == kind and not is_video_caption(row)][:per_kind]
+    return picked
 
 
 def describe(messages: list[dict[str, Any]]) -> str:
@@ -131,8 +172,10 @@ def describe(messages: list[dict[str, Any]]) -> str:
 
 
 def answer_samples(data_dir: Path, runs_dir: Path, out_dir: Path) -> str:
-    """Ask the trained model one question per modality and speak one answer into ``out_dir``."""
+    """Ask the trained model two test questions and one wild question per modality, saying which answers
+    are wrong, and speak one answer into ``out_dir``."""
     from muomni.omni import OmniModel
+    from muomni.train.stage_sft import normalize_answer
     from muomni.train.stages import is_finished
 
     if not is_finished(runs_dir, "sft"):
@@ -140,15 +183,21 @@ def answer_samples(data_dir: Path, runs_dir: Path, out_dir: Path) -> str:
         return "skipped"
     model = OmniModel.load(runs_dir / "sft")
     chat_dir = data_dir / "chat"
-    _line(f"[answers] {runs_dir / 'sft'} answers held-out questions it never saw:")
-    spoken = None
-    for kind, row in pick_samples(data_dir):
+    _line(f"[answers] {runs_dir / 'sft'} answers held-out questions it never saw (wild: made by factors held "
+          "out of training):")
+    spoken, right, asked = None, 0, 0
+    for split, kind, row in pick_samples(data_dir):
         question = row["messages"][:-1]
-        text = model.chat(question, max_new_tokens=32, base_dir=chat_dir)
-        _line(f"  {SAMPLE_KINDS[kind]}: {describe(question)}")
-        _line(f"    muomni: {text.strip()}   (expected: {row['messages'][-1]['content']})")
-        if kind == "image_qa":
+        text = model.chat(question, max_new_tokens=32, base_dir=chat_dir).strip()
+        expected = row["messages"][-1]["content"]
+        correct = normalize_answer(text) == normalize_answer(expected)
+        right, asked = right + correct, asked + 1
+        verdict = "right" if correct else f"WRONG, expected: {expected}"
+        _line(f"  {split} {SAMPLE_KINDS[kind]}: {describe(question)}")
+        _line(f"    muomni: {text or '(an empty answer)'}   ({verdict})")
+        if kind == "image_qa" and spoken is None:
             spoken = question
+    _line(f"  {right} of {asked} sample answers right")
     if spoken is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         text, wave = model.chat(spoken, speak=True, max_new_tokens=32, base_dir=chat_dir)

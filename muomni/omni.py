@@ -364,7 +364,7 @@ class OmniModel(nn.Module):
                                         max_new_tokens=max_new_tokens,
                                         stop_ids=(tokenizer.eos_id, tokenizer.im_end_id))
             for i, tokens in zip(rows, new):
-                answers[i] = tokenizer.decode(tokens)
+                answers[i] = tokenizer.decode(tokens).removeprefix(" ")  # the space `encode_chat` puts before a message
         self.train(was_training)
         return answers
 
@@ -431,7 +431,7 @@ class OmniModel(nn.Module):
                                                    generator, base_dir):
                 ids.append(token)
                 hiddens.append(hidden)
-                text = tokenizer.decode(ids)
+                text = tokenizer.decode(ids).removeprefix(" ")  # the space `encode_chat` puts before a message
                 # Hold back an incomplete UTF-8 character until its last byte arrives.
                 if text.startswith(emitted) and not text.endswith("\ufffd") and len(text) > len(emitted):
                     yield text[len(emitted):]
@@ -439,7 +439,7 @@ class OmniModel(nn.Module):
                 if speak and SENTENCE_END.search(tokenizer.decode(ids[sentence_start:])):
                     yield self.speak_tokens(ids[sentence_start:], torch.stack(hiddens[sentence_start:]), generator=generator)
                     sentence_start = len(ids)
-            text = tokenizer.decode(ids)
+            text = tokenizer.decode(ids).removeprefix(" ")
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield text[len(emitted):]
             if speak and sentence_start < len(ids):

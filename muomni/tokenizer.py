@@ -153,7 +153,7 @@ class Tokenizer:
 
     def _content_ids(self, content: str | list[dict[str, Any]], index: int) -> list[int]:
         if isinstance(content, str):
-            return self.encode(content)
+            return self.encode(_inside(content))
         if not isinstance(content, list):
             raise TokenizerError(f"message {index} content must be a string or a list of parts, "
                                  f"got {type(content).__name__}")
@@ -161,7 +161,7 @@ class Tokenizer:
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                ids += self.encode(part.get("text", ""))
+                ids += self.encode(_inside(part.get("text", "")))
             elif kind in MEDIA_TYPES:
                 ids.append({"image": self.image_id, "audio": self.audio_id, "video": self.video_id}[kind])
             else:
@@ -171,6 +171,13 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+def _inside(text: str) -> str:
+    """Message text as it would appear inside a sentence: with a leading space. Byte-level BPE gives
+    " small" (one token, as stage A read it) and "small" (s, ma, ll) different ids; with the space, an
+    answer's first word is the very token that names it in a question or a caption."""
+    return text if not text or text[0].isspace() else " " + text
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"

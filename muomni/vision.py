@@ -153,8 +153,16 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.grid = patch_grid(cfg.image_size, cfg.image_size, cfg.patch_size)
-        # A convolution whose kernel and stride are the patch size is a linear map of each patch.
-        self.patch_embed = nn.Conv2d(3, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        # A convolution whose kernel and stride are the patch size is a linear map of each patch. With a
+        # conv stem, two 3x3 convolutions (the second of stride 2) come first and the patches are half as wide.
+        self.stem = None
+        if cfg.conv_stem:
+            if cfg.patch_size % 2:
+                raise ValueError(f"a conv stem halves the patches; patch_size {cfg.patch_size} must be even")
+            self.stem = nn.Sequential(nn.Conv2d(3, cfg.conv_stem, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(cfg.conv_stem, cfg.conv_stem, 3, stride=2, padding=1), nn.GELU())
+        channels, side = (cfg.conv_stem, cfg.patch_size // 2) if cfg.conv_stem else (3, cfg.patch_size)
+        self.patch_embed = nn.Conv2d(channels, cfg.d_model, kernel_size=side, stride=side)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], cfg.d_model))
         self.dropout = nn.Dropout(cfg.dropout)
@@ -178,7 +186,8 @@ class ViT(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embedding + CLS + positions: ``(batch, 3, H, W) -> (batch, 1 + gh * gw, d_model)``."""
         grid = self.patch_grid(images.shape[-2], images.shape[-1])
-        patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (batch, gh * gw, d_model)
+        pixels = images if self.stem is None else self.stem(images)  # (batch, conv_stem, H / 2, W / 2)
+        patches = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (batch, gh * gw, d_model)
         cls = self.cls_token.expand(images.shape[0], -1, -1)
         return self.dropout(torch.cat([cls, patches], dim=1) + self.position_embeddings(grid))
 

@@ -270,8 +270,9 @@ def test_wild_split_is_made_by_held_out_factors():
              "relation": tuple(L.RELATIONS)}
 
     def pattern(template: str) -> re.Pattern:
-        parts = re.split(r"\{(\w+)\}", L.american(template))  # literal, slot, literal, slot, ...
-        text = "".join(re.escape(part) if k % 2 == 0 else "(" + "|".join(slots[part]) + ")" for k, part in enumerate(parts))
+        parts = re.split(r"\{(\w+)\}", template)  # literal, slot, literal, slot, ...
+        text = "".join(re.escape(L.american(part)) if k % 2 == 0 else "(" + "|".join(slots[part]) + ")"
+                       for k, part in enumerate(parts))
         return re.compile(text.replace("color", "colou?r") + "$")
 
     patterns = [pattern(t) for templates in train_wordings.values() for t in templates]

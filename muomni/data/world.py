@@ -95,7 +95,8 @@ class WorldConfig:
     frame_jitter: int = 2  # clips vary in length by up to this many frames
     fps: float = 4.0  # frames per second of a clip
     free_speech: float = 0.3  # share of utterances that are free sentences (not the caption grammar)
-    clean_speech: float = 0.3  # share of utterances kept free of noise, reverb and filtering
+    clean_speech: float = 0.5  # share of utterances kept free of noise, reverb and filtering (stage D
+    # learns to speak from these)
     video_format: str = "auto"  # "mp4" (torchcodec/FFmpeg), "gif" (Pillow) or "auto"
 
     def __post_init__(self) -> None:
@@ -290,6 +291,9 @@ def _chat_kinds(split: str, n: int, rng: random.Random, cfg: WorldConfig) -> lis
 def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[str, str]) -> dict[str, list[dict]]:
     rng, number, out = _rng(cfg, "chat"), 0, {}
     for split, n in split_sizes(cfg.chats, {"val": FRACTIONS["val"]}).items() | {s: 0 for s in HELD_OUT}.items():
+        if split in HELD_OUT and not (images[split] and clips[split]):
+            out[split] = []  # a world too small to hold out pictures and clips asks nothing there
+            continue
         assistant = set(assistant_audio.values())
         voices = [u for u in speech[split] if u["audio"] not in assistant]  # the varied voices only
         by_sentence: dict[str, list[dict]] = {}

@@ -81,12 +81,14 @@ CODEC_TRAIN_DEFAULTS = {
 
 def load_utterances(data_dir: Path, split: str, frontend: MelFrontend, limit: int | None = None,
                     keep_wave: bool = False) -> list[dict[str, Any]]:
-    """``speech/<split>.jsonl`` as dicts with ``mel`` ``(n_mels, frames)``, ``text``, ``sentence``,
+    """The clean recordings of ``speech/<split>.jsonl`` (a world's noisy, reverberant ones teach a
+    recogniser, not a voice) as dicts with ``mel`` ``(n_mels, frames)``, ``text``, ``sentence``,
     ``voice`` (None if the manifest has none) and, if asked, ``wave`` ``(samples,)``."""
     manifest = Path(data_dir) / "speech" / f"{split}.jsonl"
     index = JsonlIndex(manifest, required=("audio", "text"))
+    clean = [i for i in range(len(index)) if index[i].get("room", {"kind": "clean"})["kind"] == "clean"]
     out = []
-    for i in range(len(index) if limit is None else min(limit, len(index))):
+    for i in clean[:limit]:
         record = index[i]
         wave = load_audio(manifest.parent / record["audio"])
         item = {"mel": frontend(wave[None])[0], "text": record["text"],

@@ -120,12 +120,18 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def attribute_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean cross-entropy of the attribute heads (``logits`` per head ``(batch, tokens, classes)``,
-    ``targets`` ``(batch, tokens, heads)``) and each head's accuracy on the tokens that hold an object."""
+    """Cross-entropy of the attribute heads (``logits`` per head ``(batch, tokens, classes)``,
+    ``targets`` ``(batch, tokens, heads)``) and each head's accuracy on the tokens that hold an object.
+
+    Most tokens hold no object; weighted equally they would teach little but "none". So the tokens
+    that hold an object carry half the loss and the empty ones the other half.
+    """
     losses, metrics = [], {}
     holds = targets[..., 0] > 0
+    weight = torch.where(holds, 0.5 / holds.sum().clamp(min=1), 0.5 / (~holds).sum().clamp(min=1))
     for name, head_logits, head_targets in zip(ATTRIBUTES, logits, targets.unbind(-1)):
-        losses.append(F.cross_entropy(head_logits.flatten(0, 1), head_targets.flatten()))
+        each = F.cross_entropy(head_logits.flatten(0, 1), head_targets.flatten(), reduction="none")
+        losses.append((each * weight.flatten()).sum())
         metrics[f"{name}_acc"] = (head_logits.argmax(-1) == head_targets)[holds].float().mean().item()
     return torch.stack(losses).mean(), metrics
 

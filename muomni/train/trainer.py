@@ -421,8 +421,9 @@ class Trainer:
         self._write_run(finished=False)
 
         batches = self._micro_batches()
-        progress = tqdm(total=cfg.steps, initial=self.step, desc=self.out_dir.name, disable=self.rank != 0,
-                        dynamic_ncols=True)
+        # One bar, on rank 0, unless TQDM_DISABLE=1 (tqdm's own switch, which an explicit argument overrides).
+        progress = tqdm(total=cfg.steps, initial=self.step, desc=self.out_dir.name,
+                        disable=self.rank != 0 or os.environ.get("TQDM_DISABLE") == "1", dynamic_ncols=True)
         # Throughput counts training steps only, not validation or checkpoint writing.
         started, window_seconds, window_tokens = time.perf_counter(), 0.0, 0.0
         train: dict[str, float] = {}
