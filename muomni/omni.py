@@ -368,8 +368,9 @@ class OmniModel(nn.Module):
         ``sampling`` defaults to ``talker.sampling`` in the config. Tokens that decode to nothing but
         white space raise `SpeechError`: there is nothing to speak.
         """
-        if not self.tokenizer_or_fail().decode(list(ids)).strip():
-            raise SpeechError(f"nothing to speak: the {len(ids)} answer tokens hold no words")
+        text = self.tokenizer_or_fail().decode(list(ids))
+        if not text.strip():
+            raise SpeechError(f"nothing to speak: the answer {text!r} holds no words")
         cond_hidden, embeds, mask = self.talker_conditioning([hidden], [torch.tensor(list(ids))])
         codes = self.talker.generate(cond_hidden, embeds, mask, sampling=sampling, generator=generator)[0]
         mel = self.codec.decode(codes[None].to(self.device))  # (1, n_mels, frames)

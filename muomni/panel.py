@@ -86,6 +86,7 @@ class ChatPanel:
             widgets.HTML(label), widgets.HBox(list(self.uploads.values())), self.path, self.question,
             widgets.HBox([self.ask_button, self.clear_button, self.temperature]), self.status, self.answer,
             self.speech])
+        self.widget.add_class("muomni-panel")  # for styling and for tests that find it in the page
 
     def show(self) -> None:
         display(self.widget)
