@@ -38,8 +38,8 @@ from muomni.data.collate import pad
 from muomni.engine import GREEDY
 from muomni.projector import Projector
 # The sequence layout is imported from here too (`from muomni.omni import Media, expand_sequence`).
-from muomni.sequence import (Media, MediaError, expand_sequence, media_parts, media_positions,  # noqa: F401
-                             placeholder_ids, shift_targets)
+from muomni.sequence import (TICKS_PER_SECOND, TICKS_PER_TOKEN, Media, MediaError,  # noqa: F401
+                             expand_sequence, media_parts, media_positions, placeholder_ids, shift_targets)
 from muomni.talker import Talker
 from muomni.thinker import Thinker
 from muomni.tokenizer import Tokenizer
