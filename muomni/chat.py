@@ -22,9 +22,8 @@ from typing import Any, TextIO
 import soundfile
 import torch
 
+from muomni.constants import MEDIA_KINDS
 from muomni.omni import OmniModel
-
-MEDIA_FLAGS = ("image", "audio", "video")
 
 
 class ChatError(ValueError):
@@ -34,7 +33,7 @@ class ChatError(ValueError):
 def build_messages(text: str | None, media: dict[str, str | None]) -> list[dict[str, Any]]:
     """One user message: the media parts first (image, audio, video), then the text."""
     content: list[dict[str, Any]] = []
-    for kind in MEDIA_FLAGS:
+    for kind in MEDIA_KINDS:
         path = media.get(kind)
         if path is None:
             continue
@@ -69,8 +68,10 @@ def answer(model: OmniModel, messages: list[dict[str, Any]], speak: str | None, 
         else:
             chunks.append(event)
     out.write("\n")
-    if speak is not None:
-        wave = torch.cat(chunks) if chunks else torch.zeros(0)
+    if speak is not None and not chunks:
+        out.write(f"(the answer is empty: nothing to speak, {speak} not written)\n")
+    elif speak is not None:
+        wave = torch.cat(chunks)
         Path(speak).parent.mkdir(parents=True, exist_ok=True)
         soundfile.write(speak, wave.float().cpu().numpy(), model.cfg.codec.sample_rate)
         out.write(f"(spoken answer: {speak}, {wave.numel() / model.cfg.codec.sample_rate:.1f} s)\n")
@@ -79,7 +80,7 @@ def answer(model: OmniModel, messages: list[dict[str, Any]], speak: str | None, 
 
 def interactive(model: OmniModel, args: argparse.Namespace) -> None:
     """Read questions from stdin; ``/image P`` etc. attach media to the next question."""
-    media: dict[str, str | None] = {kind: getattr(args, kind) for kind in MEDIA_FLAGS}
+    media: dict[str, str | None] = {kind: getattr(args, kind) for kind in MEDIA_KINDS}
     speak = args.speak
     print("ask a question; /image P, /audio P, /video P attach media, /speak P.wav speaks the answers, /quit ends")
     for line in sys.stdin:
@@ -90,7 +91,7 @@ def interactive(model: OmniModel, args: argparse.Namespace) -> None:
         if command in ("/quit", "/exit"):
             break
         try:
-            if command.lstrip("/") in MEDIA_FLAGS and command.startswith("/"):
+            if command.lstrip("/") in MEDIA_KINDS and command.startswith("/"):
                 media[command[1:]] = rest.strip() or None
                 print(f"({command[1:]}: {media[command[1:]] or 'none'})")
                 continue
@@ -101,7 +102,7 @@ def interactive(model: OmniModel, args: argparse.Namespace) -> None:
             answer(model, build_messages(line, media), speak, args.max_new_tokens, args.temperature)
         except ValueError as error:  # a bad file or path: say so and keep the session going
             print(f"error: {error}")
-        media = {kind: None for kind in MEDIA_FLAGS}
+        media = {kind: None for kind in MEDIA_KINDS}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -109,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
     if not Path(args.ckpt).exists():
         raise ChatError(f"--ckpt {args.ckpt} does not exist; train the model (muomni demo, or "
                         f"muomni train --stage sft) or point --ckpt at a saved OmniModel directory")
-    media = {kind: getattr(args, kind) for kind in MEDIA_FLAGS}
+    media = {kind: getattr(args, kind) for kind in MEDIA_KINDS}
     if args.text is None and not any(media.values()):
         interactive(OmniModel.load(args.ckpt), args)
         return 0

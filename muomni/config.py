@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from muomni.constants import CTC_ALPHABET
+
 T = TypeVar("T")
 
 
@@ -53,6 +55,15 @@ class TransformerConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How the decode loop picks each next id from the logits (`muomni.engine.sample`)."""
+
+    temperature: float = 0.0  # 0 takes the most likely id (greedy); higher flattens the distribution
+    top_k: int = 0  # sample among the k most likely ids only (0: no limit)
+    top_p: float = 1.0  # sample within the smallest set of ids holding this much probability (1: all)
+
+
+@dataclass
 class ThinkerConfig(TransformerConfig):
     """The decoder-only language model that reads every modality and writes text."""
 
@@ -77,7 +88,7 @@ class AudioConfig(TransformerConfig):
     max_seconds: float = 30.0  # longer audio is rejected with a clear error
     normalize: str = "utterance"  # "utterance" (per-utterance mean/std) or "global"
     conv_channels: int = 256  # channels of the 4x downsampling convolutions
-    ctc_vocab: str = " abcdefghijklmnopqrstuvwxyz'"  # characters the CTC head predicts (blank is 0)
+    ctc_vocab: str = CTC_ALPHABET  # characters the CTC head predicts (blank is 0)
     spec_time_masks: int = 2  # SpecAugment: time masks per utterance
     spec_time_width: int = 20  # SpecAugment: widest time mask in frames
     spec_freq_masks: int = 2  # SpecAugment: frequency masks per utterance
@@ -152,13 +163,16 @@ class TalkerConfig(TransformerConfig):
     # Spelling loss (training only): a small head reads the characters of the text back out of the
     # Talker's states with CTC, which makes the states follow the text in order. 0 turns it off.
     spell_weight: float = 0.5
-    spell_chars: str = " abcdefghijklmnopqrstuvwxyz'"  # characters spelled; others are dropped (blank is 0)
+    spell_chars: str = CTC_ALPHABET  # characters spelled; others are dropped (blank is 0)
     spell_slots: int = 4  # characters per code frame the head may emit: letters come faster than 12.5 Hz
     # Alignment: each code step also reads the token spoken at its frame, with how many of the
     # token's frames have passed and are left. Durations come from forced alignment in training and
     # from the duration head when speaking.
     duration_weight: float = 1.0  # weight of the duration head's loss (squared error of log(1 + frames))
     max_span: int = 24  # frame counts above this share one embedding (24 frames = 1.9 s)
+    # How codes are sampled when speaking: chat speaks with the setting stage D's round-trip CER
+    # is measured with (`--set talker.sampling.temperature=0` for argmax codes).
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.3, top_k=10))
 
 
 @dataclass

@@ -9,20 +9,10 @@ The Thinker–Talker design of Qwen2.5-Omni (Xu et al., 2025), small::
                                                    Talker -> codec codes -> codec decoder
                                                    -> log-mel -> vocoder -> waveform (16 kHz)
 
-One sequence per chat. `Tokenizer.encode_chat` writes ONE placeholder id per media part; here each
-placeholder is expanded to as many copies as its encoder gives tokens, the copies are embedded
-like text and then overwritten, in order, by the projected encoder tokens.
-
-Multimodal rotary positions ``(3, seq)`` (time, height, width; Qwen2.5-Omni's TMRoPE):
-
-- text: all three equal a running counter, which is plain 1-D RoPE;
-- an image: its merged patches share one time, with height/width their row/column in the grid;
-- audio: one token per 80 ms (12.5 Hz); time advances ``TICKS_PER_TOKEN`` ticks per token (one tick is
-  40 ms, the unit `muomni.video.frame_positions` uses), height and width follow time;
-- video: each frame's patches sit at the time tick of the frame's timestamp, with height/width
-  as for an image.
-
-After each media span the counter continues at one more than the largest position used so far.
+`OmniModel` holds the modules, reads and encodes media, and saves and loads the whole model as one
+directory. The layout of a chat as one sequence (placeholders, multimodal positions) is
+`muomni.sequence`, re-exported here; every decoding step, the Thinker's and the Talker's, runs in
+the one loop of `muomni.engine`. `chat` streams text pieces and speaks each finished sentence.
 
 Shapes: merged image tokens ``(n_images, mh * mw, 4 * d_vision)``; audio tokens ``(n_tokens,
 2 * d_audio)``; the Thinker sees ``(batch, seq, d_model)`` with ``position_ids`` ``(3, batch, seq)``.
@@ -33,7 +23,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +30,23 @@ import torch
 import torch.nn as nn
 
 from muomni.audio import AuT, LogMel, conv_output_lengths, load_audio, merge_pairs
-from muomni.codec import LOG_FLOOR, Codec
 from muomni.checkpoint import load_checkpoint, resolve, save_checkpoint
-from muomni.config import ConfigError, OmniConfig, from_dict
+from muomni.codec import LOG_FLOOR, Codec
+from muomni.config import ConfigError, OmniConfig, SamplingConfig, from_dict
+from muomni.constants import EOS_ID, IM_END_ID, MEDIA_KINDS
 from muomni.data.collate import pad
+from muomni.engine import GREEDY
 from muomni.projector import Projector, VisualWords
+# The sequence layout is imported from here too (`from muomni.omni import Media, expand_sequence`).
+from muomni.sequence import (TICKS_PER_SECOND, TICKS_PER_TOKEN, Media, MediaError,  # noqa: F401
+                             expand_sequence, media_parts, media_positions, placeholder_ids, shift_targets)
 from muomni.talker import Talker
-from muomni.thinker import IGNORE_INDEX, Thinker, sample
+from muomni.thinker import Thinker
 from muomni.tokenizer import Tokenizer
-from muomni.video import frame_positions, read_video
-from muomni.vocoder import GriffinLimVocoder
+from muomni.video import read_video
 from muomni.vision import ViT, image_transform, load_image, merge_2x2
+from muomni.vocoder import GriffinLimVocoder
 
-MEDIA_KINDS = ("image", "audio", "video")
-TICKS_PER_SECOND = 25.0  # rotary time ticks per second for audio and video (40 ms each)
-TICKS_PER_TOKEN = 2  # a 12.5 Hz audio token lasts 80 ms = two ticks
 MAX_LOG_MEL = 8.0  # ceiling of a log-magnitude mel handed to the vocoder
 SENTENCE_END = re.compile(r"[.?!]\s*$")  # where a streamed answer is cut into spoken chunks
 
@@ -64,100 +55,8 @@ class ContextError(ValueError):
     """A prompt whose media and text do not fit the Thinker's context."""
 
 
-class MediaError(ValueError):
-    """A chat part that names no usable media file."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Media items and the expanded sequence
-
-
-@dataclass
-class Media:
-    """One image, audio or video part of a chat, before or after its encoder ran.
-
-    ``tokens`` (the merged encoder outputs, ready for the projector): image ``(mh * mw, 4 * d_vision)``;
-    video ``(n_frames * mh * mw, 4 * d_vision)``; audio ``(n_tokens, 2 * d_audio)``. Until the
-    encoder runs, ``raw`` holds the encoder input from `OmniModel.load_media` and ``tokens`` is None;
-    ``n_tokens`` is known either way, so sequences can be laid out before encoding. ``grid`` is the
-    merged patch grid ``(mh, mw)`` of an image or video frame; ``timestamps`` a video's frame times (s).
-    """
-
-    kind: str
-    n_tokens: int
-    name: str = ""
-    grid: tuple[int, int] = (1, 1)
-    timestamps: list[float] = field(default_factory=list)
-    tokens: torch.Tensor | None = None
-    raw: dict[str, Any] | None = None
-
-
-def media_parts(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The image/audio/video parts of a chat in order of appearance (the placeholders' order)."""
-    parts = []
-    for message in messages:
-        content = message.get("content", "")
-        if isinstance(content, list):
-            parts += [p for p in content if isinstance(p, dict) and p.get("type") in MEDIA_KINDS]
-    return parts
-
-
-def placeholder_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    return {"image": tokenizer.image_id, "audio": tokenizer.audio_id, "video": tokenizer.video_id}
-
-
-def expand_sequence(ids: list[int], mask: list[bool], media: list[Media],
-                    tokenizer: Tokenizer) -> tuple[list[int], list[bool], torch.Tensor]:
-    """Expand each placeholder to its media's tokens and compute multimodal positions.
-
-    ``ids``/``mask`` come from `Tokenizer.encode_chat` (one placeholder per media part, in the
-    order of ``media``). Returns the expanded ids (placeholder id repeated ``n_tokens`` times), the
-    loss mask (False on media tokens) and positions ``(3, len(expanded))``.
-    """
-    kind_of = {v: k for k, v in placeholder_ids(tokenizer).items()}
-    slots = [i for i, t in enumerate(ids) if t in kind_of]
-    if len(slots) != len(media):
-        raise MediaError(f"the chat has {len(slots)} media placeholders but {len(media)} media parts")
-    out_ids: list[int] = []
-    out_mask: list[bool] = []
-    positions: list[torch.Tensor] = []
-    nxt = 0  # the next free position of the running counter
-    start = 0
-    for slot, item in zip(slots, media):
-        if kind_of[ids[slot]] != item.kind:
-            raise MediaError(f"placeholder {ids[slot]} at token {slot} is not a {item.kind}")
-        text = ids[start:slot]
-        out_ids += text
-        out_mask += mask[start:slot]
-        positions.append(torch.arange(nxt, nxt + len(text)).expand(3, -1))
-        nxt += len(text)
-        pos = media_positions(item, nxt)
-        out_ids += [ids[slot]] * item.n_tokens
-        out_mask += [False] * item.n_tokens
-        positions.append(pos)
-        nxt = int(pos.max()) + 1 if pos.numel() else nxt
-        start = slot + 1
-    tail = ids[start:]
-    out_ids += tail
-    out_mask += mask[start:]
-    positions.append(torch.arange(nxt, nxt + len(tail)).expand(3, -1))
-    return out_ids, out_mask, torch.cat(positions, dim=1)
-
-
-def media_positions(item: Media, start: int) -> torch.Tensor:
-    """(time, height, width) positions ``(3, n_tokens)`` of one media item starting at ``start``."""
-    if item.kind == "audio":
-        t = start + TICKS_PER_TOKEN * torch.arange(item.n_tokens)
-        return t.expand(3, -1)
-    times = torch.tensor(item.timestamps or [0.0], dtype=torch.float64)
-    if item.kind == "image":
-        times = times[:1] * 0  # a still image is one frame at its own start time
-    return frame_positions(times, item.grid, start=start, ticks_per_second=TICKS_PER_SECOND)
-
-
-def shift_targets(ids: list[int], mask: list[bool]) -> list[int]:
-    """Next-token targets: ``targets[t] = ids[t + 1]`` where ``mask[t + 1]``, else -100."""
-    return [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+class SpeechError(ValueError):
+    """A request to speak that has nothing to speak."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +235,14 @@ class OmniModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Generation
 
+    def prompt(self, messages: Sequence[dict[str, Any]], max_new_tokens: int = 0,
+               base_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chat as the Thinker's prompt: embeddings ``(seq, d_model)`` with the media scattered in,
+        and positions ``(3, seq)``, on the model's device."""
+        ids, positions, media = self.prepare(messages, max_new_tokens, base_dir)
+        embeds = self.embed(ids[None].to(self.device), self.group_media(media))[0]
+        return embeds, positions.to(self.device)
+
     @torch.no_grad()
     def answer_batch(self, chats: Sequence[Sequence[dict[str, Any]]], max_new_tokens: int = 32,
                      base_dir: str | Path | None = None, batch_size: int = 32) -> list[str]:
@@ -343,26 +250,16 @@ class OmniModel(nn.Module):
         tokenizer = self.tokenizer_or_fail()
         was_training = self.training
         self.eval()
-        prepared = [self.prepare(messages, max_new_tokens, base_dir) for messages in chats]
+        prompts = [self.prompt(messages, max_new_tokens, base_dir) for messages in chats]
         # Similar lengths share a batch, so little compute goes to padding.
-        order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
-        answers: list[str] = [""] * len(prepared)
-        d_model = self.cfg.thinker.d_model
+        order = sorted(range(len(prompts)), key=lambda i: prompts[i][0].shape[0])
+        answers: list[str] = [""] * len(prompts)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            longest = max(len(prepared[i][0]) for i in rows)
-            embeds = torch.zeros(len(rows), longest, d_model, device=self.device)
-            mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=self.device)
-            positions = torch.zeros(3, len(rows), longest, dtype=torch.long, device=self.device)
-            for row, i in enumerate(rows):
-                ids, pos, media = prepared[i]
-                n = len(ids)
-                embeds[row, longest - n:] = self.embed(ids[None].to(self.device), self.group_media(media))[0]
-                mask[row, longest - n:] = True
-                positions[:, row, longest - n:] = pos.to(self.device)
-            new = self.thinker.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                        max_new_tokens=max_new_tokens,
-                                        stop_ids=(tokenizer.eos_id, tokenizer.im_end_id))
+            embeds, mask = pad([prompts[i][0] for i in rows], side="left")
+            positions, _ = pad([prompts[i][1].t() for i in rows], side="left")  # (batch, seq, 3)
+            new = self.thinker.generate(inputs_embeds=embeds, attention_mask=mask,
+                                        position_ids=positions.permute(2, 0, 1), max_new_tokens=max_new_tokens)
             for i, tokens in zip(rows, new):
                 answers[i] = tokenizer.decode(tokens).removeprefix(" ")  # the space `encode_chat` puts before a message
         self.train(was_training)
@@ -370,30 +267,25 @@ class OmniModel(nn.Module):
 
     @torch.no_grad()
     def generate_ids(self, messages: Sequence[dict[str, Any]], max_new_tokens: int = 64,
-                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                     generator: torch.Generator | None = None,
+                     sampling: SamplingConfig = GREEDY, generator: torch.Generator | None = None,
                      base_dir: str | Path | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(token_id, hidden)`` for each new token, stopping at ``<|im_end|>``/``<|eos|>``.
 
         ``hidden`` ``(d_model,)`` is the Thinker's state *at* that token (the state the Talker
-        reads), computed when the token is fed back in.
+        reads). The engine yields each token with the state it was predicted from, and the state at
+        a token is the one the next token is predicted from, so each token waits one step for it;
+        hence one step more than ``max_new_tokens``.
         """
-        tokenizer = self.tokenizer_or_fail()
-        ids, positions, media = self.prepare(messages, max_new_tokens, base_dir)
-        device = self.device
-        ids, positions = ids[None].to(device), positions[:, None].to(device)
-        embeds = self.embed(ids, self.group_media(media))
-        cache = self.thinker.new_cache(1, ids.shape[1] + max_new_tokens)
-        out = self.thinker(inputs_embeds=embeds, position_ids=positions, cache=cache)
-        next_pos = int(positions.max()) + 1
-        stops = {tokenizer.eos_id, tokenizer.im_end_id}
-        for step in range(max_new_tokens):
-            token = int(sample(out.logits[:, -1], temperature, top_k, top_p, generator))
-            if token in stops:
+        embeds, positions = self.prompt(messages, max_new_tokens, base_dir)
+        steps = self.thinker.generate_steps(inputs_embeds=embeds[None], position_ids=positions[:, None],
+                                            max_new_tokens=max_new_tokens + 1, sampling=sampling, generator=generator)
+        previous = None
+        for token, hidden in steps:
+            if previous is not None:
+                yield previous, hidden[0]
+            previous = int(token[0])
+            if previous in (EOS_ID, IM_END_ID):
                 return
-            pos = torch.full((3, 1, 1), next_pos + step, device=device)
-            out = self.thinker(torch.tensor([[token]], device=device), position_ids=pos, cache=cache)
-            yield token, out.hidden[0, -1]
 
     def chat(self, messages: Sequence[dict[str, Any]], speak: bool = False, stream: bool = False,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -401,11 +293,13 @@ class OmniModel(nn.Module):
         """Answer a chat.
 
         Returns the answer text, or ``(text, waveform)`` with ``speak=True`` (waveform ``(samples,)``
-        float32 at 16 kHz). With ``stream=True`` returns an iterator instead: it yields ``str`` pieces
-        as tokens are generated and, with ``speak=True``, a waveform chunk ``torch.Tensor`` as soon as
-        each sentence is complete. The joined pieces equal the non-streamed text.
+        float32 at 16 kHz; an empty answer raises `SpeechError`, as there is nothing to speak). With
+        ``stream=True`` returns an iterator instead: it yields ``str`` pieces as tokens are generated
+        and, with ``speak=True``, a waveform chunk ``torch.Tensor`` as soon as each sentence is
+        complete. The joined pieces equal the non-streamed text.
         """
-        events = self._stream(messages, speak, max_new_tokens, temperature, top_k, top_p, seed, base_dir)
+        sampling = SamplingConfig(temperature, top_k, top_p)
+        events = self._stream(messages, speak, max_new_tokens, sampling, seed, base_dir)
         if stream:
             return events
         pieces, chunks = [], []
@@ -414,9 +308,13 @@ class OmniModel(nn.Module):
         text = "".join(pieces)
         if not speak:
             return text
-        return text, torch.cat(chunks) if chunks else torch.zeros(0)
+        if not chunks:
+            raise SpeechError(f"the answer {text!r} is empty, so there is nothing to speak; "
+                              f"a trained model (`make demo`) answers in words")
+        return text, torch.cat(chunks)
 
-    def _stream(self, messages, speak, max_new_tokens, temperature, top_k, top_p, seed, base_dir):
+    def _stream(self, messages, speak: bool, max_new_tokens: int, sampling: SamplingConfig, seed: int | None,
+                base_dir) -> Iterator[str | torch.Tensor]:
         tokenizer = self.tokenizer_or_fail()
         generator = None
         if seed is not None:
@@ -427,8 +325,7 @@ class OmniModel(nn.Module):
             ids: list[int] = []
             hiddens: list[torch.Tensor] = []
             sentence_start, emitted = 0, ""
-            for token, hidden in self.generate_ids(messages, max_new_tokens, temperature, top_k, top_p,
-                                                   generator, base_dir):
+            for token, hidden in self.generate_ids(messages, max_new_tokens, sampling, generator, base_dir):
                 ids.append(token)
                 hiddens.append(hidden)
                 text = tokenizer.decode(ids).removeprefix(" ")  # the space `encode_chat` puts before a message
@@ -442,7 +339,7 @@ class OmniModel(nn.Module):
             text = tokenizer.decode(ids).removeprefix(" ")
             if text.startswith(emitted) and len(text) > len(emitted):
                 yield text[len(emitted):]
-            if speak and sentence_start < len(ids):
+            if speak and tokenizer.decode(ids[sentence_start:]).strip():
                 yield self.speak_tokens(ids[sentence_start:], torch.stack(hiddens[sentence_start:]), generator=generator)
         finally:
             self.train(was_training)
@@ -458,16 +355,8 @@ class OmniModel(nn.Module):
         mask ``(batch, longest)``. Both are detached: the Talker learns to read the Thinker, it
         does not change it.
         """
-        longest = max(int(h.shape[0]) for h in hiddens)
-        d_model, device = self.cfg.thinker.d_model, self.device
-        hidden = torch.zeros(len(hiddens), longest, d_model, device=device)
-        embeds = torch.zeros(len(hiddens), longest, d_model, device=device)
-        mask = torch.zeros(len(hiddens), longest, dtype=torch.bool, device=device)
-        for row, (h, i) in enumerate(zip(hiddens, ids)):
-            n = int(h.shape[0])
-            hidden[row, longest - n:] = h.detach().to(device)
-            embeds[row, longest - n:] = self.thinker.embed(i.to(device)).detach()
-            mask[row, longest - n:] = True
+        hidden, mask = pad([h.detach().to(self.device) for h in hiddens], side="left")
+        embeds, _ = pad([self.thinker.embed(i.to(self.device)).detach() for i in ids], side="left")
         return hidden, embeds, mask
 
     def talker_loss(self, hiddens: Sequence[torch.Tensor], ids: Sequence[torch.Tensor],
@@ -483,14 +372,18 @@ class OmniModel(nn.Module):
         return loss
 
     @torch.no_grad()
-    def speak_tokens(self, ids: Sequence[int], hidden: torch.Tensor, temperature: float = 0.8, top_k: int = 50,
+    def speak_tokens(self, ids: Sequence[int], hidden: torch.Tensor, sampling: SamplingConfig | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Speak answer tokens from their Thinker states ``(n, d_model)``: waveform ``(samples,)`` at 16 kHz."""
+        """Speak answer tokens from their Thinker states ``(n, d_model)``: waveform ``(samples,)`` at 16 kHz.
+
+        ``sampling`` defaults to ``talker.sampling`` in the config. Tokens that decode to nothing but
+        white space raise `SpeechError`: there is nothing to speak.
+        """
+        text = self.tokenizer_or_fail().decode(list(ids))
+        if not text.strip():
+            raise SpeechError(f"nothing to speak: the answer {text!r} holds no words")
         cond_hidden, embeds, mask = self.talker_conditioning([hidden], [torch.tensor(list(ids))])
-        codes = self.talker.generate(cond_hidden, embeds, mask, temperature=temperature, top_k=top_k,
-                                     generator=generator)[0]
-        if codes.shape[-1] == 0:
-            return torch.zeros(0)
+        codes = self.talker.generate(cond_hidden, embeds, mask, sampling=sampling, generator=generator)[0]
         mel = self.codec.decode(codes[None].to(self.device))  # (1, n_mels, frames)
         # An untrained codec can decode to any value; real speech mels lie within [LOG_FLOOR, ~e^6],
         # and exp() of anything far outside would overflow the vocoder's least-squares step.

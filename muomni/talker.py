@@ -36,7 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from muomni.audio import ctc_loss, encode_text, normalize_transcript
-from muomni.config import CodecConfig, TalkerConfig
+from muomni.config import CodecConfig, SamplingConfig, TalkerConfig
+from muomni.constants import IGNORE_INDEX
+from muomni.engine import Rules, decode
 from muomni.layers import KVCache, RotaryEmbedding, Transformer, text_positions
 
 
@@ -70,18 +72,6 @@ def spelling(text: str, chars: str) -> torch.Tensor:
     """CTC targets ``(n,)`` of ``text`` as the AuT spells transcripts: normalised (lowercase a-z,
     apostrophe, single spaces), then 1 + the index of each character in ``chars`` (0 is the blank)."""
     return torch.tensor(encode_text(normalize_transcript(text), chars), dtype=torch.long)
-
-
-def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick one index per row of ``(rows, vocab)`` logits: argmax at temperature 0, else sample."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def frame_tokens(durations: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,12 +146,12 @@ class Talker(nn.Module):
         delayed = [delay_codes(c, self.pad_id, self.eos_id) for c in codes]
         steps = max(d.shape[1] for d in delayed)
         inputs = torch.full((len(codes), self.n_q, steps), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(codes), self.n_q, steps), -100, dtype=torch.long)
+        targets = torch.full((len(codes), self.n_q, steps), IGNORE_INDEX, dtype=torch.long)
         for i, d in enumerate(delayed):
             n = d.shape[1]
             inputs[i, :, 0] = self.bos_id
             inputs[i, :, 1:n] = d[:, :-1]
-            targets[i, :, :n] = d.masked_fill(d == self.pad_id, -100)
+            targets[i, :, :n] = d.masked_fill(d == self.pad_id, IGNORE_INDEX)
         return inputs, targets
 
     # ------------------------------------------------------------------------------------------
@@ -241,7 +231,7 @@ class Talker(nn.Module):
         batch, steps, _ = states.shape
         slots = self.cfg.spell_slots
         logits = self.spell(states).view(batch, steps * slots, len(self.cfg.spell_chars) + 1)
-        spoken = (targets != -100).any(dim=1).sum(dim=-1) * slots  # (batch,)
+        spoken = (targets != IGNORE_INDEX).any(dim=1).sum(dim=-1) * slots  # (batch,)
         letters = [spelling(text, self.cfg.spell_chars) for text in texts]
         lengths = torch.tensor([len(x) for x in letters], device=states.device)
         return ctc_loss(logits, spoken, torch.cat(letters).to(states.device), lengths)
@@ -254,11 +244,11 @@ class Talker(nn.Module):
         ``texts`` are given), plus per-codebook accuracy."""
         states, log_durations = self.states(hidden, text_embeds, cond_mask, inputs, durations, voices)
         logits = self._logits(states)
-        code_loss = F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1), ignore_index=-100)
+        code_loss = F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         real = cond_mask.bool()
         duration_loss = F.mse_loss(log_durations[real].float(), durations[real].float().log1p())
         loss = code_loss + self.cfg.duration_weight * duration_loss
-        metrics: dict[str, float] = {"tokens": float((targets != -100).sum()), "code_loss": float(code_loss.detach()),
+        metrics: dict[str, float] = {"tokens": float((targets != IGNORE_INDEX).sum()), "code_loss": float(code_loss.detach()),
                                      "duration_loss": float(duration_loss.detach())}
         if texts is not None and self.spell is not None:
             spell = self.spell_loss(states, targets, texts)
@@ -266,7 +256,7 @@ class Talker(nn.Module):
             loss = loss + self.cfg.spell_weight * spell
         with torch.no_grad():
             for q in range(self.n_q):
-                valid = targets[:, q] != -100
+                valid = targets[:, q] != IGNORE_INDEX
                 hit = (logits[:, q].argmax(-1) == targets[:, q]) & valid
                 metrics[f"acc{q}"] = float(hit.sum() / valid.sum().clamp(min=1))
         return loss, metrics
@@ -312,16 +302,17 @@ class Talker(nn.Module):
 
     @torch.no_grad()
     def generate(self, hidden: torch.Tensor, text_embeds: torch.Tensor, cond_mask: torch.Tensor | None = None,
-                 max_frames: int | None = None, temperature: float = 0.8, top_k: int = 50,
+                 max_frames: int | None = None, sampling: SamplingConfig | None = None,
                  generator: torch.Generator | None = None, min_frames: int = 1,
                  voices: torch.Tensor | None = None, durations: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Speak: codes ``(n_q, frames_i)`` per row, stopping at each row's end-of-speech frame.
 
         Codebook 0 decides when speech ends (it may sample ``eos`` once ``min_frames`` are out); the
         other codebooks follow the delay pattern, so a row is finished ``n_q - 1`` steps after its
-        ``eos``. Rows that never stop end at ``max_frames`` (default ``cfg.max_frames``).
-        ``voices`` ``(batch,)`` picks each row's voice (default: the first, the assistant's);
-        ``durations`` ``(batch, text_len)`` fix the frames per token (default: the duration head's).
+        ``eos``. Rows that never stop end at ``max_frames`` (default ``cfg.max_frames``). ``sampling``
+        defaults to ``cfg.sampling``; ``voices`` ``(batch,)`` picks each row's voice (default: the
+        first, the assistant's); ``durations`` ``(batch, text_len)`` fix the frames per token
+        (default: the duration head's). The loop is `muomni.engine.decode` with `SpeechRules`.
         """
         batch, device = hidden.shape[0], hidden.device
         if cond_mask is None:
@@ -331,27 +322,46 @@ class Talker(nn.Module):
         cache = self.new_cache(batch, hidden.shape[1] + 2 + total)
         # one frame input more than steps: the last step still feeds its codes back in
         logits, pos, frame_inputs = self.prefill(hidden, text_embeds, cond_mask, cache, total + 1, voices, durations)
-        end = torch.full((batch, 1), -1, dtype=torch.long, device=device)  # eos frame of each row
-        out = torch.full((batch, self.n_q, total), self.pad_id, dtype=torch.long, device=device)
-        for s in range(total):
-            allowed = logits.float().clone()
-            eos_logit = allowed[:, 0, self.eos_id].clone()
-            allowed[:, :, self.pad_id:] = float("-inf")  # real codes only ...
-            if s >= min_frames:
-                allowed[:, 0, self.eos_id] = eos_logit  # ... and eos on codebook 0
-            choice = sample_logits(allowed.view(-1, self.vocab), temperature, top_k, generator).view(batch, self.n_q)
-            stops = (end < 0) & ((choice[:, :1] == self.eos_id) | (s >= max_frames))
-            end = torch.where(stops, s, end)
-            # The delay pattern fixes some entries: pad before a codebook starts and after it ends,
-            # eos on each codebook's copy of the end frame.
-            frame = s - torch.arange(self.n_q, device=device)[None]  # (1, n_q)
-            ended = end >= 0
-            choice = torch.where(frame < 0, self.pad_id, choice)
-            choice = torch.where(ended & (frame == end), self.eos_id, choice)
-            choice = torch.where(ended & (frame > end), self.pad_id, choice)
-            out[:, :, s] = choice
-            if bool(ended.all()) and s >= int(end.max()) + self.n_q - 1:
-                break
-            pos = pos + 1
-            logits = self.step(choice, frame_inputs[:, s + 1], pos, cache)
-        return [undelay_codes(out[b], int(end[b])) for b in range(batch)]
+        fed = 0  # steps fed back so far
+
+        def step(codes: torch.Tensor) -> tuple[torch.Tensor, None]:
+            nonlocal fed, pos
+            fed, pos = fed + 1, pos + 1
+            return self.step(codes, frame_inputs[:, fed], pos, cache), None
+
+        rules = SpeechRules(self, batch, device, min_frames, max_frames)
+        steps = [codes for codes, _ in decode(step, logits, None, total, sampling or self.cfg.sampling, generator, rules)]
+        delayed = torch.stack(steps, dim=2)  # (batch, n_q, steps)
+        return [undelay_codes(delayed[b], int(rules.end[b])) for b in range(batch)]
+
+
+class SpeechRules(Rules):
+    """The Talker's rules for the decode loop: only real codes may be sampled, and end-of-speech only
+    on codebook 0 once ``min_frames`` are out; the delay pattern then fixes some entries (pad before a
+    codebook starts and after it ends, eos on each codebook's copy of the end frame), and a row is
+    finished ``n_q - 1`` steps after its end frame. A row that has not ended by ``max_frames`` ends there.
+    """
+
+    def __init__(self, talker: Talker, batch: int, device: torch.device, min_frames: int, max_frames: int):
+        super().__init__(pad_id=talker.pad_id)
+        self.eos_id, self.n_q = talker.eos_id, talker.n_q
+        self.min_frames, self.max_frames = min_frames, max_frames
+        self.end = torch.full((batch, 1), -1, dtype=torch.long, device=device)  # end frame per row, -1 until known
+
+    def allow(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        allowed = logits.float().clone()  # (batch, n_q, vocab)
+        eos_logit = allowed[:, 0, self.eos_id].clone()
+        allowed[:, :, self.pad_id:] = float("-inf")  # real codes only ...
+        if step >= self.min_frames:
+            allowed[:, 0, self.eos_id] = eos_logit  # ... and eos on codebook 0
+        return allowed
+
+    def settle(self, ids: torch.Tensor, step: int, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stops = (self.end < 0) & ((ids[:, :1] == self.eos_id) | (step >= self.max_frames))
+        self.end = torch.where(stops, step, self.end)
+        frame = step - torch.arange(self.n_q, device=ids.device)[None]  # (1, n_q): the frame each codebook is at
+        ended = self.end >= 0
+        ids = torch.where(frame < 0, self.pad_id, ids)
+        ids = torch.where(ended & (frame == self.end), self.eos_id, ids)
+        ids = torch.where(ended & (frame > self.end), self.pad_id, ids)
+        return ids, (ended & (step >= self.end + self.n_q - 1)).squeeze(1)

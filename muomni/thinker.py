@@ -18,23 +18,25 @@ Shapes::
 
 `Thinker.loss` fuses the vocabulary head with the cross-entropy and works through the tokens in
 chunks, so the full ``(tokens, vocab)`` logits are never stored for the backward pass (the idea
-of Liger Kernel's fused linear cross-entropy). `Thinker.generate` decodes with a preallocated KV
-cache: greedy, temperature, top-k and top-p sampling, stop tokens, batched left-padded prompts.
+of Liger Kernel's fused linear cross-entropy). `Thinker.generate` prefills a preallocated KV cache
+and decodes through `muomni.engine` (greedy, temperature, top-k and top-p sampling, stop tokens),
+batched left-padded prompts included.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muomni.config import ThinkerConfig
+from muomni.config import SamplingConfig, ThinkerConfig
+from muomni.constants import EOS_ID, IGNORE_INDEX, IM_END_ID, PAD_ID
+from muomni.engine import GREEDY, Rules, decode
 from muomni.layers import KVCache, RotaryEmbedding, Transformer, text_positions
 
-IGNORE_INDEX = -100  # targets with this value add nothing to the loss
-EOS_ID, IM_END_ID, PAD_ID = 2, 4, 0  # fixed special ids (see muomni.tokenizer)
 
 
 class ThinkerError(ValueError):
@@ -201,95 +203,79 @@ class Thinker(nn.Module):
                  ) -> list[list[int]] | tuple[list[list[int]], list[torch.Tensor]]:
         """Continue each prompt row; return the new token ids per row (stop token excluded).
 
-        Prompts are left-padded: ``attention_mask`` ``(batch, seq)`` marks real tokens. New tokens
-        take positions (largest prompt position of the row) + 1, + 2, ... in every axis, so 3-D
-        multimodal prompts continue correctly. ``temperature=0`` is greedy. With ``return_hidden``
-        also returns, per row, the ``(n_new, d_model)`` hidden states each new token was predicted
-        from. ``use_cache=False`` recomputes the whole sequence every step (for comparison).
+        Prompts are left-padded: ``attention_mask`` ``(batch, seq)`` marks real tokens. ``temperature=0``
+        is greedy. With ``return_hidden`` also returns, per row, the ``(n_new, d_model)`` hidden states
+        each new token was predicted from. See `generate_steps` for the rest.
+        """
+        tokens, hiddens = [], []
+        for token, hidden in self.generate_steps(
+                input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature, top_k, top_p),
+                stop_ids=stop_ids, use_cache=use_cache, generator=generator):
+            tokens.append(token)
+            hiddens.append(hidden)
+        rows = torch.stack(tokens, dim=1).tolist() if tokens else []
+        lengths = [next((i for i, t in enumerate(row) if t in stop_ids), len(row)) for row in rows]
+        new = [row[:n] for row, n in zip(rows, lengths)]
+        if not return_hidden:
+            return new
+        stacked = torch.stack(hiddens, dim=1) if hiddens else None
+        return new, [stacked[i, :n] for i, n in enumerate(lengths)] if stacked is not None else []
+
+    @torch.no_grad()
+    def generate_steps(self, input_ids: torch.Tensor | None = None, *,
+                       inputs_embeds: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None,
+                       max_new_tokens: int = 64, sampling: SamplingConfig = GREEDY,
+                       stop_ids: tuple[int, ...] = (EOS_ID, IM_END_ID), use_cache: bool = True,
+                       generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Prefill the prompt, then yield per step the new tokens ``(batch,)`` and the hidden states
+        ``(batch, d_model)`` they were predicted from (the loop is `muomni.engine.decode`).
+
+        A row that has sampled a stop id writes ``PAD_ID`` until every row is done. New tokens take
+        positions (largest prompt position of the row) + 1, + 2, ... in every axis, so 3-D multimodal
+        prompts continue correctly. ``use_cache=False`` recomputes the whole sequence every step (for
+        comparison). The last new token is never fed back, so the prompt and all new tokens but that
+        one must fit ``max_seq_len``.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ThinkerError("pass exactly one of input_ids and inputs_embeds")
         prompt = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         batch, seq = prompt.shape[:2]
-        total = seq + max_new_tokens
-        if total > self.cfg.max_seq_len:
-            raise ThinkerError(f"prompt of {seq} tokens + max_new_tokens {max_new_tokens} = {total} "
-                               f"exceeds max_seq_len {self.cfg.max_seq_len}; shorten the prompt or ask for fewer tokens")
+        held = seq + max(max_new_tokens - 1, 0)  # positions the sequence ever holds
+        if held > self.cfg.max_seq_len:
+            raise ThinkerError(f"prompt of {seq} tokens + max_new_tokens {max_new_tokens} needs {held} positions, "
+                               f"more than max_seq_len {self.cfg.max_seq_len}; shorten the prompt or ask for fewer tokens")
         device = prompt.device
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
-        attention_mask = attention_mask.bool()
-        if position_ids is None:
-            position_ids = text_positions(attention_mask)
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        positions = text_positions(mask) if position_ids is None else position_ids
         # Next position of each row, the same in every axis for multimodal positions.
-        real = position_ids.masked_fill(~attention_mask, 0)
+        real = positions.masked_fill(~mask, 0)
         next_pos = (real.amax(dim=(0, 2)) if real.dim() == 3 else real.amax(dim=1)) + 1  # (batch,)
-
-        cache = self.new_cache(batch, total) if use_cache else None
-        hidden, _ = self.hidden_states(inputs_embeds=prompt, attention_mask=attention_mask,
-                                       position_ids=position_ids, cache=cache)
-        last = hidden[:, -1]  # left padding puts every row's last real token in the last column
-        stop = torch.tensor(list(stop_ids), device=device)
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        new_tokens, hiddens = [], []
-        step_mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        cache = self.new_cache(batch, held) if use_cache else None
         head = self._decode_head()
-        for step in range(max_new_tokens):
-            token = sample(last @ head, temperature, top_k, top_p, generator)  # (batch,)
-            token = token.masked_fill(done, PAD_ID)
-            new_tokens.append(token)
-            if return_hidden:
-                hiddens.append(last)
-            done = done | torch.isin(token, stop)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            pos = (next_pos + step).unsqueeze(1)  # (batch, 1)
-            pos = pos.expand(3, batch, 1) if position_ids.dim() == 3 else pos
+        fed = 0  # tokens fed back so far
+
+        def step(token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Feed new tokens ``(batch,)`` back: the next logits ``(batch, vocab)`` and hidden states."""
+            nonlocal fed, prompt, mask, positions
+            pos = (next_pos + fed).unsqueeze(1)  # (batch, 1)
+            pos = pos.expand(3, batch, 1) if positions.dim() == 3 else pos
+            fed += 1
             if use_cache:
                 hidden, _ = self.hidden_states(token.unsqueeze(1), position_ids=pos, cache=cache)
             else:
                 prompt = torch.cat([prompt, self.embed(token.unsqueeze(1))], dim=1)
-                attention_mask = torch.cat([attention_mask, step_mask], dim=1)
-                position_ids = torch.cat([position_ids, pos], dim=-1)
-                hidden, _ = self.hidden_states(inputs_embeds=prompt, attention_mask=attention_mask,
-                                               position_ids=position_ids)
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                positions = torch.cat([positions, pos], dim=-1)
+                hidden, _ = self.hidden_states(inputs_embeds=prompt, attention_mask=mask, position_ids=positions)
             last = hidden[:, -1]
-        return self._collect(new_tokens, hiddens, stop_ids, return_hidden)
+            return last @ head, last
 
-    @staticmethod
-    def _collect(new_tokens: list[torch.Tensor], hiddens: list[torch.Tensor], stop_ids: tuple[int, ...],
-                 return_hidden: bool) -> list[list[int]] | tuple[list[list[int]], list[torch.Tensor]]:
-        rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else []
-        stops = set(stop_ids)
-        lengths = [next((i for i, t in enumerate(row) if t in stops), len(row)) for row in rows]
-        tokens = [row[:n] for row, n in zip(rows, lengths)]
-        if not return_hidden:
-            return tokens
-        stacked = torch.stack(hiddens, dim=1) if hiddens else None
-        return tokens, [stacked[i, :n] for i, n in enumerate(lengths)] if stacked is not None else []
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from logits ``(batch, vocab)``: greedy at temperature 0, else sampled
-    from the temperature-scaled distribution restricted to the top-k ids and the top-p nucleus."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        hidden, _ = self.hidden_states(inputs_embeds=prompt, attention_mask=mask, position_ids=positions, cache=cache)
+        last = hidden[:, -1]  # left padding puts every row's last real token in the last column
+        yield from decode(step, last @ head, last, max_new_tokens, sampling, generator, Rules(stop_ids, PAD_ID))
 
 
 # ----------------------------------------------------------------------------------------------

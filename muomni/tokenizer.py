@@ -28,9 +28,9 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>",
-                  "<|image|>", "<|audio|>", "<|video|>")
-MEDIA_TYPES = ("image", "audio", "video")
+from muomni.constants import (AUDIO_ID, BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, IMAGE_ID, MEDIA_KINDS, PAD_ID,
+                              SPECIAL_TOKENS, VIDEO_ID)
+
 ROLES = ("system", "user", "assistant")
 N_BYTES = 256  # the byte-level alphabet every vocabulary starts from
 
@@ -42,7 +42,8 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """Byte-level BPE over ``tokenizers`` with fixed special ids and a chat template."""
 
-    pad_id, bos_id, eos_id, im_start_id, im_end_id, image_id, audio_id, video_id = range(8)
+    pad_id, bos_id, eos_id, im_start_id, im_end_id = PAD_ID, BOS_ID, EOS_ID, IM_START_ID, IM_END_ID
+    image_id, audio_id, video_id = IMAGE_ID, AUDIO_ID, VIDEO_ID
 
     def __init__(self, backend: HFTokenizer):
         for expected_id, token in enumerate(SPECIAL_TOKENS):
@@ -162,7 +163,7 @@ class Tokenizer:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
                 ids += self.encode(_inside(part.get("text", "")))
-            elif kind in MEDIA_TYPES:
+            elif kind in MEDIA_KINDS:
                 ids.append({"image": self.image_id, "audio": self.audio_id, "video": self.video_id}[kind])
             else:
                 raise TokenizerError(f"message {index} has a part of type {kind!r}; "

@@ -33,10 +33,18 @@ def test_chat_speaks_into_a_wav(saved, tmp_path, capsys):
     ckpt, media = saved
     out = tmp_path / "answer.wav"
     assert main(["chat", "--ckpt", str(ckpt), "--image", str(media["image"]), "--speak", str(out),
-                 "--max-new-tokens", "4", "say it aloud."]) == 0
+                 "--max-new-tokens", "4", "--temperature", "1.0", "say it aloud."]) == 0
     wave, rate = soundfile.read(out)
     assert rate == 16000 and wave.ndim == 1
     assert "spoken answer" in capsys.readouterr().out
+
+
+def test_an_empty_answer_is_not_spoken(saved, tmp_path, capsys):
+    ckpt, _ = saved
+    out = tmp_path / "answer.wav"
+    # a random model's greedy answer is white space
+    assert main(["chat", "--ckpt", str(ckpt), "--speak", str(out), "--max-new-tokens", "3", "hi."]) == 0
+    assert "nothing to speak" in capsys.readouterr().out and not out.exists()
 
 
 def test_media_without_text_is_the_question(saved, capsys):

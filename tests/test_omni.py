@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from muomni.omni import ContextError, Media, OmniModel, expand_sequence, shift_targets
+from muomni.omni import ContextError, Media, OmniModel, SpeechError, expand_sequence, shift_targets
 from muomni.thinker import IGNORE_INDEX
 from omni_fixtures import small_model, small_tokenizer, write_media
 
@@ -125,6 +125,23 @@ def test_streaming_speech_arrives_in_chunks_with_the_text(model, media):
     text = "".join(e for e in events if isinstance(e, str))
     assert text == model.chat(messages, max_new_tokens=8, temperature=1.0, seed=1)
     assert any(isinstance(e, torch.Tensor) for e in events)
+
+
+def test_each_token_comes_with_the_thinker_state_at_it(model):
+    messages = [{"role": "user", "content": "what colour is the circle?"}]
+    tokens, states = zip(*model.generate_ids(messages, max_new_tokens=6))
+    embeds, positions = model.prompt(messages)
+    new = torch.tensor(tokens)
+    with torch.no_grad():
+        full = model.thinker(inputs_embeds=torch.cat([embeds, model.thinker.embed(new)])[None],
+                             position_ids=torch.cat([positions, (positions.max() + 1 + torch.arange(len(new))).expand(3, -1)], 1)[:, None])
+    torch.testing.assert_close(torch.stack(states), full.hidden[0, -len(new):])
+
+
+def test_speaking_nothing_is_a_clear_error(model):
+    blank = model.tokenizer.encode("  \n")
+    with pytest.raises(SpeechError, match="nothing to speak"):
+        model.speak_tokens(blank, torch.zeros(len(blank), model.cfg.thinker.d_model))
 
 
 def test_context_overflow_names_each_part(tokenizer, media):

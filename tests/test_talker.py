@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from muomni.config import CodecConfig, TalkerConfig
+from muomni.engine import GREEDY
 from muomni.talker import Talker, TalkerError, delay_codes, frame_tokens, spelling, undelay_codes
 
 COND = 24
@@ -66,7 +67,7 @@ def test_generation_stops_at_end_of_speech():
     talker = small_talker().eval()
     talker.heads[0] = FixedHead(talker.vocab, talker.eos_id, 10.0)
     hidden, embeds = torch.randn(2, 4, COND), torch.randn(2, 4, COND)
-    out = talker.generate(hidden, embeds, temperature=0.0, min_frames=3, max_frames=20)
+    out = talker.generate(hidden, embeds, sampling=GREEDY, min_frames=3, max_frames=20)
     assert [tuple(c.shape) for c in out] == [(3, 3), (3, 3)]  # eos as soon as allowed, not max_frames
     assert out[0][0].tolist() == [1, 1, 1]
     assert int(out[0].max()) < 8  # only real codes come out
@@ -95,9 +96,9 @@ def test_it_learns_two_utterances_and_the_conditioning_picks_which():
         opt.step()
     assert metrics["duration_loss"] < 0.01
     talker.eval()
-    out = talker.generate(hidden, embeds, mask, temperature=0.0)  # durations from the duration head
+    out = talker.generate(hidden, embeds, mask, sampling=GREEDY)  # durations from the duration head
     assert torch.equal(out[0], codes[0]) and torch.equal(out[1], codes[1])
-    swapped = talker.generate(hidden.flip(0), embeds.flip(0), mask, temperature=0.0)
+    swapped = talker.generate(hidden.flip(0), embeds.flip(0), mask, sampling=GREEDY)
     assert torch.equal(swapped[0], codes[1])  # other text, other speech
 
 

@@ -37,7 +37,7 @@ from muomni.align import align_tokens
 from muomni.audio import AuT, LogMel, cer, load_audio, transcribe
 from muomni.checkpoint import load_checkpoint
 from muomni.codec import Codec, MelFrontend, utilisation
-from muomni.config import (ConfigError, OmniConfig, TrainConfig, apply_overrides, from_dict,
+from muomni.config import (ConfigError, OmniConfig, SamplingConfig, TrainConfig, apply_overrides, from_dict,
                            to_dict)
 from muomni.data.collate import pad
 from muomni.data.index import JsonlIndex
@@ -54,7 +54,6 @@ from muomni.vocoder import GriffinLimVocoder
 STAGE = "speech"
 CROP_FRAMES = 96  # codec training crops: 0.96 s, 12 code frames
 EVAL_LIMIT = 100  # held-out utterances per split in `evaluate`
-SAMPLING = {"temperature": 0.3, "top_k": 10}  # Talker sampling used by `evaluate` and `synthesize`
 FRAMES_PER_TOKEN = 12.5  # `synthesize` caps speech at this many code frames (1 s) per text token
 
 # The Talker's optimisation (``train.X``).
@@ -306,7 +305,7 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
 @torch.no_grad()
 def synthesize(talker: Talker, codec: Codec, vocoder: torch.nn.Module,
                conds: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0, batch_size: int = 16,
-               **sampling: Any) -> list[torch.Tensor]:
+               sampling: SamplingConfig | None = None) -> list[torch.Tensor]:
     """Thinker conditioning per sentence -> waveforms ``(samples,)``: Talker -> codec decoder -> vocoder."""
     generator = torch.Generator().manual_seed(seed)
     waves = []
@@ -316,8 +315,7 @@ def synthesize(talker: Talker, codec: Codec, vocoder: torch.nn.Module,
         embeds, _ = pad([c[1] for c in chunk], 0.0, side="left")
         # A Talker that never says eos stops at 1 s per text token (world speech takes ~0.2 s).
         cap = min(talker.cfg.max_frames, int(FRAMES_PER_TOKEN * hidden.shape[1]))
-        for codes in talker.generate(hidden, embeds, mask, max_frames=cap, generator=generator,
-                                     **(sampling or SAMPLING)):
+        for codes in talker.generate(hidden, embeds, mask, max_frames=cap, sampling=sampling, generator=generator):
             if codes.shape[1] == 0:
                 waves.append(torch.zeros(codec.cfg.frames_per_code * codec.cfg.hop_length))
                 continue
