@@ -32,7 +32,7 @@ STAGE_OVERRIDES = {"speech": ["codec_train.steps=3", "codec_train.batch_size=4",
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("integration")
     data, runs = root / "world", root / "runs"
-    cfg = preset_config("tiny", scenes=40, utterances=60, clips=20, stories=60, chats=80)
+    cfg = preset_config("tiny", scenes=40, utterances=60, clips=20, eval_clips=6, stories=60, chats=80, eval_questions=8)
     build_world(cfg, data, log=lambda message: None)
     for stage in STAGES:
         stage_module(stage).train("tiny", data, runs, OVERRIDES + STAGE_OVERRIDES.get(stage, []), False)

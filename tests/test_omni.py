@@ -79,7 +79,7 @@ def test_loss_mask_covers_only_assistant_tokens(tokenizer):
     out_ids, out_mask, _ = expand_sequence(ids, mask, [image], tokenizer)
     targets = shift_targets(out_ids, out_mask)
     learned = [t for t in targets if t != IGNORE_INDEX]
-    assert tokenizer.decode(learned) == "red."
+    assert tokenizer.decode(learned) == " red."  # a message reads as inside a sentence: with its space
     assert learned[-1] == tokenizer.im_end_id
     assert tokenizer.im_end_id in learned and sum(out_mask) == len(learned)
 
@@ -179,7 +179,7 @@ def test_sft_loss_trains_encoders_only_when_asked(tokenizer, media, train_encode
     loss, metrics = stage_sft.loss_fn(model, stage_sft.collate([data[0], data[1]]))
     loss.backward()
     # answer tokens plus each closing <|im_end|> are the only targets
-    assert metrics["answer_tokens"] == len(tokenizer.encode("red.")) + len(tokenizer.encode("blue.")) + 2
+    assert metrics["answer_tokens"] == len(tokenizer.encode(" red.")) + len(tokenizer.encode(" blue.")) + 2
     assert model.vision_proj.up.weight.grad is not None and model.thinker.tok_emb.weight.grad is not None
     assert (model.vision.patch_embed.weight.grad is not None) == train_encoders
     assert (model.audio.conv1.weight.grad is not None) == train_encoders
@@ -253,10 +253,15 @@ def test_captions_are_scored_by_the_facts_they_get_right():
     assert caption_facts(truth, "") == 0.0
 
 
+WORLD_WORDS = ('visual_words=[["red","green","blue","yellow","purple","orange"],["circle","square","triangle","star"],'
+               '["big","small"],["top left","top","top right","left","middle","right","bottom left","bottom","bottom right"]]')
+
+
 def test_visual_words_give_image_tokens_the_words_their_heads_read(tokenizer, media):
     from muomni.config import ConfigError
 
-    model = small_model(tokenizer)
+    assert small_model(tokenizer).visual_words is None  # off unless named
+    model = small_model(tokenizer, overrides=(WORLD_WORDS,))
     words = model.visual_words
     assert [head.out_features for head in words.heads] == list(model.cfg.vision.attribute_classes)
     target = torch.randn(model.cfg.thinker.d_model)
@@ -270,4 +275,4 @@ def test_visual_words_give_image_tokens_the_words_their_heads_read(tokenizer, me
     embeds = model.embed(ids, {"image": merged})
     torch.testing.assert_close(embeds[0], model.vision_proj(merged) + words(merged))
     with pytest.raises(ConfigError, match="attribute heads"):
-        small_model(tokenizer, overrides=("vision.attribute_classes=[7,5]",))
+        small_model(tokenizer, overrides=(WORLD_WORDS, "vision.attribute_classes=[7,5]"))

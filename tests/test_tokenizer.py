@@ -21,12 +21,12 @@ CHAT = [
     {"role": "assistant", "content": "it moves up."},
 ]
 
-GOLDEN_CHAT = (
-    "<|im_start|>system\nyou answer briefly.<|im_end|>\n"
-    "<|im_start|>user\n<|image|>what is red?<|im_end|>\n"
-    "<|im_start|>assistant\nthe circle is red.<|im_end|>\n"
+GOLDEN_CHAT = (  # message text reads as inside a sentence: each word with its leading space
+    "<|im_start|>system\n you answer briefly.<|im_end|>\n"
+    "<|im_start|>user\n<|image|> what is red?<|im_end|>\n"
+    "<|im_start|>assistant\n the circle is red.<|im_end|>\n"
     "<|im_start|>user\n<|audio|><|video|><|im_end|>\n"
-    "<|im_start|>assistant\nit moves up.<|im_end|>\n"
+    "<|im_start|>assistant\n it moves up.<|im_end|>\n"
 )
 
 
@@ -97,10 +97,20 @@ def test_chat_template_is_stable(tok):
 def test_loss_mask_covers_exactly_assistant_content_and_its_end(tok):
     ids, mask = tok.encode_chat(CHAT)
     learned = [i for i, keep in zip(ids, mask) if keep]
-    assert tok.decode(learned, skip_special=False) == "the circle is red.<|im_end|>it moves up.<|im_end|>"
+    assert tok.decode(learned, skip_special=False) == " the circle is red.<|im_end|> it moves up.<|im_end|>"
     spans = [ids[i:j] for i, j in _runs(mask)]
-    assert [tok.decode(span, skip_special=False) for span in spans] == ["the circle is red.<|im_end|>",
-                                                                         "it moves up.<|im_end|>"]
+    assert [tok.decode(span, skip_special=False) for span in spans] == [" the circle is red.<|im_end|>",
+                                                                         " it moves up.<|im_end|>"]
+
+
+def test_an_answer_starts_with_the_token_that_names_its_word_in_a_sentence(tok):
+    ids, mask = tok.encode_chat([{"role": "user", "content": "is the circle red?"},
+                                 {"role": "assistant", "content": "red."}])
+    answer = [i for i, keep in zip(ids, mask) if keep]
+    word = tok.encode(" red")
+    question = ids[:ids.index(tok.im_end_id)]
+    assert answer[:len(word)] == word
+    assert any(question[k:k + len(word)] == word for k in range(len(question)))
 
 
 def _runs(mask):
