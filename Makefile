@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lab clean
+.PHONY: demo course test lab clean
 
 # Create the virtual environment and install the project once; redone only when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/muomni demo
+
+# The demo, then stage E trained on to the course's full tiny model (about half an hour more).
+course: $(STAMP)
+	$(BIN)/muomni course
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

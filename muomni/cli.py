@@ -1,4 +1,4 @@
-"""The `muomni` command: doctor, data, train, eval, chat, bench, plan, demo.
+"""The `muomni` command: doctor, data, train, eval, chat, bench, plan, demo, course.
 
 Each sub-command parses its flags here and hands them to the module that does the work; modules
 are imported only when their command runs, so `muomni doctor` works even when a dependency is broken.
@@ -20,6 +20,7 @@ COMMANDS = {
     "bench": "muomni.bench:main",
     "plan": "muomni.train.memory_plan:main",
     "demo": "muomni.demo:main",
+    "course": "muomni.course:main",
 }
 
 
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default="data/world")
     demo.add_argument("--runs", default=None)
     demo.add_argument("--out", default="demo_out")
+
+    course = sub.add_parser("course", help="the demo, then stage E trained on to the course's full tiny model")
+    course.add_argument("--preset", default="tiny")
+    course.add_argument("--data", default="data/world")
+    course.add_argument("--runs", default=None)
+    course.add_argument("--out", default="demo_out")
+    course.add_argument("--sft-steps", type=int, default=None, help="stage E steps in all (default: COURSE_SFT_STEPS)")
     return parser
 
 

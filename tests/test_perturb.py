@@ -107,7 +107,10 @@ def test_reverb_band_and_gain():
     freqs = np.fft.rfftfreq(len(phone), 1 / P.SAMPLE_RATE)
     assert power[freqs > 5000].sum() < 1e-3 * power.sum()
     louder = P.apply_perturbation(wave, spec(gain_db=6.0))
-    assert np.allclose(louder, np.clip(wave * 10 ** (6 / 20), -1, 1), atol=1e-6)
+    boosted = wave * 10 ** (6 / 20)
+    assert np.allclose(louder, boosted * min(1.0, P.PEAK / np.abs(boosted).max()), atol=1e-6)
+    loud = P.apply_perturbation(wave / np.abs(wave).max(), spec(gain_db=6.0))  # would clip: limited instead
+    assert np.abs(loud).max() == pytest.approx(P.PEAK) and np.mean(np.abs(loud) >= 0.999) == 0
 
 
 def test_clean_is_the_wave_unchanged():

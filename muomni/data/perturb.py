@@ -15,7 +15,7 @@ perturbation is a plain JSON-able dict, so a manifest can store exactly what was
      "hum_hz": 50,                          mains frequency, 50 or 60 (noise "hum" only)
      "talkers": 3,                          babble waves summed, 2-4 (noise "babble" only)
      "band_hz": [300, 3400],                telephone-like band-pass (null: full band)
-     "gain_db": -6.0}                       level change, -20 to +6 dB, then clipped to [-1, 1]
+     "gain_db": -6.0}                       level change, -20 to +6 dB, then limited to a peak of 0.98
 
 The effects run in that order: the talker (speed), the room (reverb, noise), the channel (band,
 gain). `sample_perturbation` draws a spec from a `random.Random`; `apply_perturbation` is a pure
@@ -42,6 +42,7 @@ WILD_NOISES = ("brown",)  # heard only in the `wild` split
 NOISES = TRAIN_NOISES + WILD_NOISES
 
 SNR_DB = (5.0, 30.0)  # signal-to-noise ratio of additive noise
+PEAK = 0.98  # the loudest a perturbed waveform gets
 GAIN_DB = (-20.0, 6.0)  # level change
 RT60_S = (0.1, 0.5)  # reverb time: 60 dB of decay
 SPEED = (0.9, 1.1)  # tempo and pitch factor
@@ -151,7 +152,10 @@ def apply_perturbation(wave: np.ndarray, spec: dict, babble: list[np.ndarray] | 
     if spec["band_hz"] is not None:
         x = band_limit(x, *spec["band_hz"])
     x = x * 10 ** (spec["gain_db"] / 20)
-    return np.clip(x, -1.0, 1.0).astype(np.float32)
+    # A recorder's limiter, not hard clipping: a louder take keeps its shape (a clipped one is refused
+    # by `load_audio` as distorted).
+    peak = np.abs(x).max()
+    return (x * min(1.0, PEAK / peak) if peak > 0 else x).astype(np.float32)
 
 
 def make_noise(spec: dict, n: int, rng: np.random.Generator, babble: list[np.ndarray] | None = None) -> np.ndarray:
