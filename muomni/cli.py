@@ -98,12 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--runs", default=None)
     demo.add_argument("--out", default="demo_out")
 
-    course = sub.add_parser("course", help="the demo, then stage E trained on to the course's full tiny model")
+    course = sub.add_parser("course", help="the demo, then its encoders trained on and stage E retrained: the full tiny model")
     course.add_argument("--preset", default="tiny")
     course.add_argument("--data", default="data/world")
-    course.add_argument("--runs", default=None)
+    course.add_argument("--runs", default=None, help="the demo's runs (default: runs/<preset>); the course writes <runs>-course")
     course.add_argument("--out", default="demo_out")
-    course.add_argument("--sft-steps", type=int, default=None, help="stage E steps in all (default: COURSE_SFT_STEPS)")
     return parser
 
 

@@ -1,50 +1,94 @@
-"""`muomni course` (`make course`): the course's full `tiny` model, on top of what `make demo` trained.
+"""`muomni course` (`make course`): the course's full `tiny` model, built on what `make demo` trained.
 
-The demo stops stage E after `TRAIN_DEFAULTS["tiny"].steps` steps to stay inside its 15 minutes;
-the learning curve (`runs/tiny/sft/learning_curve.png`) shows the answers still improving there.
-The course reuses the demo's world and stages A–D as they are, and continues stage E from the
-demo's last checkpoint to `COURSE_SFT_STEPS` steps (about half an hour on two CPU cores; the
-learning-rate schedule restarts over the longer run). It runs whatever part of the demo is missing
-first, then evaluates and answers the sample prompts like the demo.
+The demo stops every stage early to stay inside 15 minutes, and its learning curves
+(`runs/tiny/*/metrics.jsonl`, `runs/tiny/sft/learning_curve.png`) are still rising where they stop.
+The course copies the demo's stages into ``runs/<preset>-course``, trains the two encoders on from
+the demo's last checkpoints (the AuT and the ViT, side by side, each on one CPU thread; their
+learning-rate schedules restart over the longer runs), reuses the Thinker and the speech stage as they
+are, and then trains stage E afresh for `COURSE_STEPS["sft"]` steps on the better encoders (the
+demo's stage E learnt to read the demo's encoders). It runs whatever part of the demo is missing
+first, then evaluates and answers the sample prompts like the demo. About half an hour on two cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
-from muomni.demo import _line, answer_samples, build_world, run_eval, train_stages
+from muomni.demo import _line, _outcome, answer_samples, build_world, run_eval, train_stages
 
-COURSE_SFT_STEPS = 4000  # stage E's steps in the course's model (the demo's 700 included)
+COURSE_STEPS = {"audio": 4000, "vision": 1200, "sft": 3500}  # each stage's steps in all (the demo's included)
+CONTINUED = ("audio", "vision")  # trained on from the demo's checkpoints, side by side
+REUSED = ("thinker", "speech")  # copied as the demo left them
 
 
-def continue_sft(preset: str, data_dir: Path, runs_dir: Path, steps: int) -> str:
-    """Continue stage E from ``runs_dir/sft/last`` to ``steps`` steps; returns a status line."""
+def _continue(preset: str, data_dir: Path, runs_dir: Path, stage: str, steps: int, threads: int) -> float:
+    """Train ``stage`` on from ``runs_dir/<stage>/last`` to ``steps`` steps; returns seconds."""
+    import torch
+
     from muomni.train.stages import stage_module
 
-    run = json.loads((runs_dir / "sft" / "run.json").read_text())
-    if run.get("step", 0) >= steps:
-        return f"reused ({run['step']} steps)"
+    torch.set_num_threads(threads)
     start = time.time()
-    _line(f"[course]  stage sft: from step {run.get('step', 0)} to {steps} ...")
-    stage_module("sft").train(preset, data_dir, runs_dir, [f"train.steps={steps}"], True)
-    return f"trained to {steps} steps in {time.time() - start:.0f} s"
+    stage_module(stage).train(preset, data_dir, runs_dir, [f"train.steps={steps}"], True)
+    return time.time() - start
+
+
+def train_course(preset: str, data_dir: Path, demo_runs: Path, runs_dir: Path) -> dict[str, str]:
+    """Copy the demo's stages into ``runs_dir`` and train the course's steps; stage -> status."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from muomni.train.stages import is_finished, stage_module
+
+    status: dict[str, str] = {}
+    for stage in REUSED + CONTINUED:
+        if not (runs_dir / stage).is_dir():
+            shutil.copytree(demo_runs / stage, runs_dir / stage)
+        status[stage] = "reused from the demo"
+    todo = [s for s in CONTINUED if json.loads((runs_dir / s / "run.json").read_text()).get("step", 0) < COURSE_STEPS[s]]
+    if todo:
+        _line(f"[course]  training {', '.join(todo)} on to {', '.join(str(COURSE_STEPS[s]) for s in todo)} steps ...")
+        os.environ["TQDM_DISABLE"] = "1"  # two bars would garble each other
+        with ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = {s: pool.submit(_continue, preset, data_dir, runs_dir, s, COURSE_STEPS[s], 1) for s in todo}
+            outcomes = {s: _outcome(job.result) for s, job in jobs.items()}
+        del os.environ["TQDM_DISABLE"]
+        for stage, (seconds, error) in outcomes.items():
+            status[stage] = f"trained on in {seconds:.0f} s" if error is None else f"failed: {error}"
+            _line(f"[course]  {stage}: {status[stage]}")
+    if not is_finished(runs_dir, "sft") and not any(v.startswith("failed") for v in status.values()):
+        _line(f"[course]  training sft for {COURSE_STEPS['sft']} steps on the course's encoders ...")
+        seconds, error = _outcome(lambda: _timed(lambda: stage_module("sft").train(
+            preset, data_dir, runs_dir, [f"train.steps={COURSE_STEPS['sft']}"], False)))
+        status["sft"] = f"trained in {seconds:.0f} s" if error is None else f"failed: {error}"
+    elif "sft" not in status:
+        status["sft"] = "finished earlier: reused"
+    return status
+
+
+def _timed(run) -> float:
+    start = time.time()
+    run()
+    return time.time() - start
 
 
 def main(args: argparse.Namespace) -> int:
     start = time.time()
     data_dir, out_dir = Path(args.data), Path(args.out)
-    runs_dir = Path(args.runs or f"runs/{args.preset}")
-    args.sft_steps = args.sft_steps or COURSE_SFT_STEPS
-    _line(f"μOmni course: preset {args.preset}, data {data_dir}, runs {runs_dir}, stage E to {args.sft_steps} steps")
+    demo_runs = Path(args.runs or f"runs/{args.preset}")
+    runs_dir = demo_runs.with_name(demo_runs.name + "-course")
+    _line(f"μOmni course: preset {args.preset}, data {data_dir}, the demo's runs {demo_runs}, the course's {runs_dir}")
     build_world(args.preset, data_dir)
-    status = train_stages(args.preset, data_dir, runs_dir)
-    if status.get("sft", "").startswith("failed"):
-        _line("[course]  stage sft failed in the demo part; fix that first")
+    demo = train_stages(args.preset, data_dir, demo_runs)
+    if any(state.startswith("failed") for state in demo.values()):
+        _line("[course]  a demo stage failed; fix that first")
         return 1
-    status["sft"] = continue_sft(args.preset, data_dir, runs_dir, args.sft_steps)
+    status = train_course(args.preset, data_dir, demo_runs, runs_dir)
     evaluated = run_eval(data_dir, runs_dir)
     answered = answer_samples(data_dir, runs_dir, out_dir)
     _line("")
@@ -53,5 +97,6 @@ def main(args: argparse.Namespace) -> int:
         _line(f"  {stage:8s} {state}  ({runs_dir / stage})")
     _line(f"  eval     {evaluated}  ({runs_dir / 'eval.md'}); learning curve: {runs_dir / 'sft' / 'learning_curve.png'}")
     _line(f"  answers  {answered}  ({out_dir / 'answer.wav'})")
+    _line(f"talk to it: muomni chat --ckpt {runs_dir / 'sft'} --image <picture.png> \"what colour is the circle?\"")
     failed = [stage for stage, state in status.items() if state.startswith("failed")]
     return 1 if failed or evaluated != "done" else 0

@@ -129,7 +129,7 @@ def run_eval(data_dir: Path, runs_dir: Path) -> str:
     from muomni.eval import evaluate_stages, markdown_table
 
     start = time.time()
-    _line("[eval]    evaluating every trained stage on the test and comp splits ...")
+    _line("[eval]    evaluating every trained stage on the test, comp and wild splits ...")
     results, failed = {}, []
     for stage in DEMO_STAGES:
         try:
@@ -174,7 +174,7 @@ def describe(messages: list[dict[str, Any]]) -> str:
 def answer_samples(data_dir: Path, runs_dir: Path, out_dir: Path) -> str:
     """Ask the trained model two test questions and one wild question per modality, saying which answers
     are wrong, and speak one answer into ``out_dir``."""
-    from muomni.omni import OmniModel
+    from muomni.omni import OmniModel, SpeechError
     from muomni.train.stage_sft import normalize_answer
     from muomni.train.stages import is_finished
 
@@ -200,7 +200,11 @@ def answer_samples(data_dir: Path, runs_dir: Path, out_dir: Path) -> str:
     _line(f"  {right} of {asked} sample answers right")
     if spoken is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        text, wave = model.chat(spoken, speak=True, max_new_tokens=32, base_dir=chat_dir)
+        try:
+            text, wave = model.chat(spoken, speak=True, max_new_tokens=32, base_dir=chat_dir)
+        except SpeechError as error:  # an empty answer: nothing to speak
+            _line(f"  no spoken answer: {error}")
+            return "done"
         path = out_dir / "answer.wav"
         soundfile.write(path, wave.float().numpy(), model.cfg.codec.sample_rate)
         _line(f"  spoken answer to the image question ('{text.strip()}'): {path} "
