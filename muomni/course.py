@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from muomni.demo import _line, _outcome, answer_samples, build_world, run_eval, train_stages
+from muomni.demo import _line, _outcome, build_world, finish, train_stages
 
 COURSE_STEPS = {"audio": 4000, "vision": 1200, "sft": 3500}  # each stage's steps in all (the demo's included)
 CONTINUED = ("audio", "vision")  # trained on from the demo's checkpoints, side by side
@@ -89,14 +89,4 @@ def main(args: argparse.Namespace) -> int:
         _line("[course]  a demo stage failed; fix that first")
         return 1
     status = train_course(args.preset, data_dir, demo_runs, runs_dir)
-    evaluated = run_eval(data_dir, runs_dir)
-    answered = answer_samples(data_dir, runs_dir, out_dir)
-    _line("")
-    _line(f"course finished in {(time.time() - start) / 60:.1f} min")
-    for stage, state in status.items():
-        _line(f"  {stage:8s} {state}  ({runs_dir / stage})")
-    _line(f"  eval     {evaluated}  ({runs_dir / 'eval.md'}); learning curve: {runs_dir / 'sft' / 'learning_curve.png'}")
-    _line(f"  answers  {answered}  ({out_dir / 'answer.wav'})")
-    _line(f"talk to it: muomni chat --ckpt {runs_dir / 'sft'} --image <picture.png> \"what colour is the circle?\"")
-    failed = [stage for stage, state in status.items() if state.startswith("failed")]
-    return 1 if failed or evaluated != "done" else 0
+    return finish("course", start, status, data_dir, runs_dir, out_dir)

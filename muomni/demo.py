@@ -212,6 +212,21 @@ def answer_samples(data_dir: Path, runs_dir: Path, out_dir: Path) -> str:
     return "done"
 
 
+def finish(what: str, start: float, status: dict[str, str], data_dir: Path, runs_dir: Path, out_dir: Path) -> int:
+    """Evaluate ``runs_dir``, answer the samples, print the summary of the ``what`` run; its exit code."""
+    evaluated = run_eval(data_dir, runs_dir)
+    answered = answer_samples(data_dir, runs_dir, out_dir)
+    _line("")
+    _line(f"{what} finished in {(time.time() - start) / 60:.1f} min")
+    for stage, state in status.items():
+        _line(f"  {stage:8s} {state}  ({runs_dir / stage})")
+    _line(f"  eval     {evaluated}  ({runs_dir / 'eval.md'}); learning curve: {runs_dir / 'sft' / 'learning_curve.png'}")
+    _line(f"  answers  {answered}  ({out_dir / 'answer.wav'})")
+    _line(f"talk to it: muomni chat --ckpt {runs_dir / 'sft'} --image <picture.png> \"what colour is the circle?\"")
+    failed = [stage for stage, state in status.items() if state.startswith("failed")]
+    return 1 if failed or evaluated != "done" else 0
+
+
 def main(args: argparse.Namespace) -> int:
     start = time.time()
     data_dir, out_dir = Path(args.data), Path(args.out)
@@ -219,14 +234,4 @@ def main(args: argparse.Namespace) -> int:
     _line(f"μOmni demo: preset {args.preset}, data {data_dir}, runs {runs_dir}, outputs {out_dir}")
     build_world(args.preset, data_dir)
     status = train_stages(args.preset, data_dir, runs_dir)
-    evaluated = run_eval(data_dir, runs_dir)
-    answered = answer_samples(data_dir, runs_dir, out_dir)
-    _line("")
-    _line(f"demo finished in {(time.time() - start) / 60:.1f} min")
-    for stage, state in status.items():
-        _line(f"  {stage:8s} {state}  ({runs_dir / stage})")
-    _line(f"  eval     {evaluated}  ({runs_dir / 'eval.md'})")
-    _line(f"  answers  {answered}  ({out_dir / 'answer.wav'})")
-    _line(f"talk to it: muomni chat --ckpt {runs_dir / 'sft'} --image <picture.png> \"what colour is the circle?\"")
-    failed = [stage for stage, state in status.items() if state.startswith(("failed", "missing"))]
-    return 1 if failed or evaluated != "done" else 0
+    return finish("demo", start, status, data_dir, runs_dir, out_dir)

@@ -320,3 +320,18 @@ def test_every_style_draws_a_picture_of_the_right_size():
             scene = S.sample_scene(rng, family=family)
             image = S.render_scene(scene, 40)
             assert image.size == (40, 40) and image.mode == "RGB"
+
+
+def test_the_plan_does_not_depend_on_the_process():
+    """Python salts string hashes per process: nothing in the plan may follow set or hash order."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json; from muomni.data import world as W; "
+            "cfg = W.WorldConfig(seed=3, scenes=40, utterances=40, clips=12, eval_clips=4, stories=30, chats=60, "
+            "eval_questions=6, image_size=32, video_format='gif'); "
+            "print(hashlib.sha256(json.dumps(W.plan_world(cfg).__dict__, sort_keys=True).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(digests) == 1

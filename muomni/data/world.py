@@ -290,7 +290,7 @@ def _chat_kinds(split: str, n: int, rng: random.Random, cfg: WorldConfig) -> lis
 
 def _plan_chats(cfg: WorldConfig, images, speech, clips, assistant_audio: dict[str, str]) -> dict[str, list[dict]]:
     rng, number, out = _rng(cfg, "chat"), 0, {}
-    for split, n in split_sizes(cfg.chats, {"val": FRACTIONS["val"]}).items() | {s: 0 for s in HELD_OUT}.items():
+    for split, n in {**split_sizes(cfg.chats, {"val": FRACTIONS["val"]}), **{s: 0 for s in HELD_OUT}}.items():
         if split in HELD_OUT and not (images[split] and clips[split]):
             out[split] = []  # a world too small to hold out pictures and clips asks nothing there
             continue
