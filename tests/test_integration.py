@@ -7,7 +7,7 @@ import json
 import pytest
 
 from muomni.data.world import build_world, preset_config
-from muomni.omni import OmniModel
+from muomni.omni import OmniModel, SpeechError
 from muomni.train.stages import is_finished, stage_module
 
 STAGES = ("thinker", "audio", "vision", "speech", "sft")
@@ -57,8 +57,13 @@ def test_the_finished_model_answers_and_speaks(trained):
     data, runs = trained
     model = OmniModel.load(runs / "sft")
     row = json.loads((data / "chat" / "test.jsonl").read_text().splitlines()[0])
-    text, wave = model.chat(row["messages"][:-1], speak=True, max_new_tokens=4, base_dir=data / "chat")
-    assert isinstance(text, str) and wave.dim() == 1
+    text = model.chat(row["messages"][:-1], max_new_tokens=4, base_dir=data / "chat")
+    assert isinstance(text, str)
+    try:  # a three-step model may well answer with blank lines: then there is nothing to speak, and it says so
+        spoken, wave = model.chat(row["messages"][:-1], speak=True, max_new_tokens=4, base_dir=data / "chat")
+        assert spoken == text and spoken.strip() and wave.dim() == 1 and wave.numel() > 0
+    except SpeechError as error:
+        assert not text.strip() and "nothing to speak" in str(error)
 
 
 @pytest.mark.slow

@@ -449,7 +449,7 @@ class Trainer:
                 val = self.evaluate()
                 self._log({"step": self.step, "split": "val", **val})
                 if self.probe is not None:
-                    self._log({"step": self.step, "split": "probe", "train_minutes": round(train_seconds / 60, 3),
+                    self._log({"step": self.step, "split": "probe", "train_minutes": round(train_seconds / 60, 5),
                                **self.probe(self.model)})
                     self._plot_curve()
                 if val["loss"] < self.best_val:
