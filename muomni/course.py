@@ -18,32 +18,16 @@ import shutil
 import time
 from pathlib import Path
 
-from muomni.demo import _line, _outcome, build_world, finish, train_stages
+from muomni.demo import _line, build_world, finish, train_side_by_side, train_stages
 
 COURSE_STEPS = {"audio": 4000, "vision": 1200, "sft": 3500}  # each stage's steps in all (the demo's included)
 CONTINUED = ("audio", "vision")  # trained on from the demo's checkpoints, side by side
 REUSED = ("thinker", "speech")  # copied as the demo left them
 
 
-def _continue(preset: str, data_dir: Path, runs_dir: Path, stage: str, steps: int, threads: int) -> float:
-    """Train ``stage`` on from ``runs_dir/<stage>/last`` to ``steps`` steps; returns seconds."""
-    import torch
-
-    from muomni.train.stages import stage_module
-
-    torch.set_num_threads(threads)
-    start = time.time()
-    stage_module(stage).train(preset, data_dir, runs_dir, [f"train.steps={steps}"], True)
-    return time.time() - start
-
-
 def train_course(preset: str, data_dir: Path, demo_runs: Path, runs_dir: Path) -> dict[str, str]:
     """Copy the demo's stages into ``runs_dir`` and train the course's steps; stage -> status."""
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
-    from muomni.train.stages import is_finished, stage_module
+    from muomni.train.stages import is_finished
 
     status: dict[str, str] = {}
     for stage in REUSED + CONTINUED:
@@ -53,28 +37,19 @@ def train_course(preset: str, data_dir: Path, demo_runs: Path, runs_dir: Path) -
     todo = [s for s in CONTINUED if json.loads((runs_dir / s / "run.json").read_text()).get("step", 0) < COURSE_STEPS[s]]
     if todo:
         _line(f"[course]  training {', '.join(todo)} on to {', '.join(str(COURSE_STEPS[s]) for s in todo)} steps ...")
-        os.environ["TQDM_DISABLE"] = "1"  # two bars would garble each other
-        with ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = {s: pool.submit(_continue, preset, data_dir, runs_dir, s, COURSE_STEPS[s], 1) for s in todo}
-            outcomes = {s: _outcome(job.result) for s, job in jobs.items()}
-        del os.environ["TQDM_DISABLE"]
+        steps = {s: (f"train.steps={COURSE_STEPS[s]}",) for s in todo}
+        outcomes = train_side_by_side(preset, data_dir, runs_dir, todo, overrides=steps, resume=True)
         for stage, (seconds, error) in outcomes.items():
             status[stage] = f"trained on in {seconds:.0f} s" if error is None else f"failed: {error}"
             _line(f"[course]  {stage}: {status[stage]}")
     if not is_finished(runs_dir, "sft") and not any(v.startswith("failed") for v in status.values()):
         _line(f"[course]  training sft for {COURSE_STEPS['sft']} steps on the course's encoders ...")
-        seconds, error = _outcome(lambda: _timed(lambda: stage_module("sft").train(
-            preset, data_dir, runs_dir, [f"train.steps={COURSE_STEPS['sft']}"], False)))
+        seconds, error = train_side_by_side(preset, data_dir, runs_dir, ["sft"],
+                                            overrides={"sft": (f"train.steps={COURSE_STEPS['sft']}",)})["sft"]
         status["sft"] = f"trained in {seconds:.0f} s" if error is None else f"failed: {error}"
     elif "sft" not in status:
         status["sft"] = "finished earlier: reused"
     return status
-
-
-def _timed(run) -> float:
-    start = time.time()
-    run()
-    return time.time() - start
 
 
 def main(args: argparse.Namespace) -> int:

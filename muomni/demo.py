@@ -57,7 +57,8 @@ def build_world(preset: str, data_dir: Path) -> str:
     return "built"
 
 
-def _train_one(preset: str, data_dir: Path, runs_dir: Path, stage: str, threads: int) -> float:
+def _train_one(preset: str, data_dir: Path, runs_dir: Path, stage: str, threads: int,
+               overrides: tuple[str, ...] = (), resume: bool = False) -> float:
     """Train one stage (in this process or a worker) with ``threads`` CPU threads; returns seconds."""
     import torch
 
@@ -65,8 +66,32 @@ def _train_one(preset: str, data_dir: Path, runs_dir: Path, stage: str, threads:
 
     torch.set_num_threads(threads)
     start = time.time()
-    stage_module(stage).train(preset, data_dir, runs_dir, [], False)
+    stage_module(stage).train(preset, data_dir, runs_dir, list(overrides), resume)
     return time.time() - start
+
+
+def train_side_by_side(preset: str, data_dir: Path, runs_dir: Path, stages: list[str], workers: int = 2,
+                       overrides: dict[str, tuple[str, ...]] | None = None,
+                       resume: bool = False) -> dict[str, tuple[float, Exception | None]]:
+    """Train ``stages`` (which need nothing from each other): several at once, each in its own process
+    on one CPU thread, when there are several and ``workers`` > 1; else one after the other on
+    ``workers`` threads. Returns stage -> (seconds, None) or (0, the error)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    overrides = overrides or {}
+    if len(stages) > 1 and workers > 1:
+        os.environ["TQDM_DISABLE"] = "1"  # inherited by the workers: two bars would garble each other
+        try:
+            with ProcessPoolExecutor(len(stages), mp_context=multiprocessing.get_context("spawn")) as pool:
+                jobs = {stage: pool.submit(_train_one, preset, data_dir, runs_dir, stage, 1,
+                                           overrides.get(stage, ()), resume) for stage in stages}
+                return {stage: _outcome(job.result) for stage, job in jobs.items()}
+        finally:
+            del os.environ["TQDM_DISABLE"]
+    return {stage: _outcome(lambda s=stage: _train_one(preset, data_dir, runs_dir, s, workers,
+                                                       overrides.get(s, ()), resume)) for stage in stages}
 
 
 def train_stages(preset: str, data_dir: Path, runs_dir: Path, workers: int = 2) -> dict[str, str]:
@@ -77,10 +102,6 @@ def train_stages(preset: str, data_dir: Path, runs_dir: Path, workers: int = 2) 
     get through more work than one after the other on two threads, whose matrices are too small to
     split well. Their progress bars are turned off; each stage reports when it ends.
     """
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-
     from muomni.train.stages import is_finished
 
     status: dict[str, str] = {}
@@ -96,14 +117,7 @@ def train_stages(preset: str, data_dir: Path, runs_dir: Path, workers: int = 2) 
         if not todo:
             continue
         _line(f"[{', '.join(f'{number[s]}/{len(DEMO_STAGES)} {s}' for s in todo)}] training ...")
-        if len(todo) > 1 and workers > 1:
-            os.environ["TQDM_DISABLE"] = "1"  # inherited by the workers: two bars would garble each other
-            with ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
-                jobs = {stage: pool.submit(_train_one, preset, data_dir, runs_dir, stage, 1) for stage in todo}
-                outcomes = {stage: _outcome(job.result) for stage, job in jobs.items()}
-            del os.environ["TQDM_DISABLE"]
-        else:
-            outcomes = {stage: _outcome(lambda s=stage: _train_one(preset, data_dir, runs_dir, s, workers)) for stage in todo}
+        outcomes = train_side_by_side(preset, data_dir, runs_dir, todo, workers)
         for stage, (seconds, error) in outcomes.items():
             tag = f"[{number[stage]}/{len(DEMO_STAGES)} {stage}]"
             if error is None:
