@@ -48,6 +48,10 @@ class TransformerConfig:
     n_experts: int = 0  # >0 replaces each MLP with a mixture of this many experts
     n_experts_per_token: int = 2  # top-k experts a token is routed to
     moe_aux_weight: float = 0.01  # weight of the load-balancing loss
+    # >0: each block first adds to its normalised input a causal depthwise convolution over this many
+    # positions (`layers.TokenMix`), so a token also carries the few tokens before it and "the word
+    # before 'star'" is one attention lookup instead of two composed heads. 0: a plain Llama block.
+    token_mix: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -192,6 +196,9 @@ class OmniConfig:
     visual_words: tuple[tuple[str, ...], ...] = ()
     video_frames: int = 4  # frames sampled uniformly from each video clip for the Thinker
     sft_train_encoders: bool = False  # stage E also fine-tunes the AuT and ViT (no cached encoder outputs)
+    # Stage E asks up to this many questions about one picture in one chat, a turn each: the picture
+    # is read once and every answer teaches, so a step holds several lookups instead of one.
+    sft_questions_per_chat: int = 4
 
 
 @dataclass

@@ -113,6 +113,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.mask = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.recent: dict[int, torch.Tensor] = {}  # layer -> its last inputs, for `TokenMix`
         self.padded = False  # whether any recorded position is padding (checked once, not per layer)
         self.max_len = max_len
         self.length = 0
@@ -276,12 +277,42 @@ class MoE(nn.Module):
 # Blocks
 
 
+class TokenMix(nn.Module):
+    """h + a causal depthwise convolution of h over the last ``kernel`` positions (each channel its own
+    filter): ``(batch, seq, d_model) -> (batch, seq, d_model)``, as the "Canon layers" of Allen-Zhu
+    (2025, "Physics of Language Models: Part 4.1"). The filters start at zero, so the block starts as
+    a plain transformer block. Padding is zeroed first, so it never leaks into the next real token.
+    With a cache, the last ``kernel - 1`` inputs of each layer are kept in ``cache.recent``.
+    """
+
+    def __init__(self, d_model: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.zeros(d_model, 1, kernel))
+
+    def forward(self, h: torch.Tensor, real: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        if real is not None:  # (batch, seq) True on real tokens
+            h = h * real.unsqueeze(-1).to(h.dtype)
+        if cache is None:
+            before = h.new_zeros(h.shape[0], self.kernel - 1, h.shape[2])
+        else:
+            before = cache.recent.get(layer, h.new_zeros(h.shape[0], self.kernel - 1, h.shape[2]))
+        window = torch.cat([before, h], dim=1)  # (batch, kernel - 1 + seq, d_model)
+        if cache is not None:
+            cache.recent[layer] = window[:, window.shape[1] - (self.kernel - 1):]
+        mixed = F.conv1d(window.transpose(1, 2), self.weight.to(h.dtype), groups=h.shape[2])
+        return h + mixed.transpose(1, 2)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); with ``token_mix`` the
+    attention reads norm(x) mixed with its few predecessors (`TokenMix`)."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.attn_norm = make_norm(cfg)
+        self.token_mix = TokenMix(cfg.d_model, cfg.token_mix) if cfg.token_mix > 0 else None
         self.attn = Attention(cfg)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.n_experts > 0 else make_mlp(cfg)
@@ -290,7 +321,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 key_padding_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_padding_mask, cache, layer))
+        h = self.attn_norm(x)
+        if self.token_mix is not None:
+            real = key_padding_mask if cache is None else cache.mask[:, cache.length : cache.length + x.shape[1]]
+            h = self.token_mix(h, real, cache, layer)
+        x = x + self.dropout(self.attn(h, rope, key_padding_mask, cache, layer))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 

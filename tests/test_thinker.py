@@ -13,7 +13,12 @@ CFG = ThinkerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads
 
 def make_thinker(seed: int = 0, **changes) -> Thinker:
     torch.manual_seed(seed)
-    return Thinker(ThinkerConfig(**{**CFG.__dict__, **changes})).eval()
+    model = Thinker(ThinkerConfig(**{**CFG.__dict__, **changes})).eval()
+    with torch.no_grad():  # token-mixing filters start at zero; random ones make the checks below bite
+        for block in model.transformer.blocks:
+            if block.token_mix is not None:
+                block.token_mix.weight.normal_(0, 0.5)
+    return model
 
 
 def to_llama(model: Thinker):
@@ -144,8 +149,9 @@ def padded_batch(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def test_generate_with_cache_equals_without():
-    model = make_thinker()
+@pytest.mark.parametrize("token_mix", [0, 3])
+def test_generate_with_cache_equals_without(token_mix):
+    model = make_thinker(token_mix=token_mix)
     ids, mask = padded_batch([torch.randint(8, CFG.vocab_size, (n,)) for n in (9, 4, 6)])
     cached = model.generate(ids, attention_mask=mask, max_new_tokens=20, stop_ids=())
     uncached = model.generate(ids, attention_mask=mask, max_new_tokens=20, stop_ids=(), use_cache=False)
@@ -153,8 +159,9 @@ def test_generate_with_cache_equals_without():
     assert all(len(row) == 20 for row in cached)
 
 
-def test_greedy_generate_equals_repeated_argmax():
-    model = make_thinker()
+@pytest.mark.parametrize("token_mix", [0, 3])
+def test_greedy_generate_equals_repeated_argmax(token_mix):
+    model = make_thinker(token_mix=token_mix)
     ids = torch.randint(8, CFG.vocab_size, (1, 5))
     expected = ids
     with torch.no_grad():
@@ -163,8 +170,9 @@ def test_greedy_generate_equals_repeated_argmax():
     assert model.generate(ids, max_new_tokens=8, stop_ids=()) == expected[:, 5:].tolist()
 
 
-def test_batched_left_padded_generate_equals_one_row_at_a_time():
-    model = make_thinker()
+@pytest.mark.parametrize("token_mix", [0, 3])
+def test_batched_left_padded_generate_equals_one_row_at_a_time(token_mix):
+    model = make_thinker(token_mix=token_mix)
     rows = [torch.randint(8, CFG.vocab_size, (n,)) for n in (3, 11, 7)]
     ids, mask = padded_batch(rows)
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=12, stop_ids=())
