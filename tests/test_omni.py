@@ -198,6 +198,25 @@ def test_a_story_becomes_one_chat_per_scene_with_its_answers():
     assert chats[0][3]["content"] == "one." and chats[1][1]["content"] == "up."
 
 
+def test_a_pictures_questions_become_turns_of_one_chat(tmp_path):
+    import json
+
+    from muomni.train.stage_sft import extra_chats
+
+    qa = [{"question": f"question {i}?", "answer": f"answer{i}", "kind": "colour"} for i in range(5)]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "train.jsonl").write_text(json.dumps({"image": "png/1.png", "qa": qa}) + "\n")
+    chats = extra_chats(tmp_path, per_chat=2)
+    assert [len(chat["messages"]) for chat in chats] == [4, 4, 2]  # 2 + 2 + 1 questions, a turn each
+    first = chats[0]["messages"]
+    assert first[0]["content"][0] == {"type": "image", "path": "../images/png/1.png"}  # the picture once
+    assert all(part["type"] == "text" for m in first[1:] if m["role"] == "user" for part in m["content"])
+    asked = {m["content"][-1]["text"]: chat["messages"][k + 1]["content"]
+             for chat in chats for k, m in enumerate(chat["messages"]) if m["role"] == "user"}
+    assert asked == {f"question {i}?": f"answer{i}." for i in range(5)}  # each question once, its own answer
+    assert [len(chat["messages"]) for chat in extra_chats(tmp_path)] == [2] * 5
+
+
 def test_the_sft_mixture_follows_its_shares_and_repeats_rare_kinds():
     from collections import Counter
 

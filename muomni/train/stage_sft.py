@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -194,8 +195,20 @@ def story_chats(text: str) -> list[list[dict[str, Any]]]:
     return chats
 
 
-def extra_chats(data_dir: Path, split: str = "train") -> list[dict[str, Any]]:
-    """Question chats built from the world's manifests of ``split`` (paths relative to ``chat/``)."""
+def question_turns(first: list[dict[str, Any]], answers: list[tuple[list[dict[str, Any]], str]]) -> list[dict[str, Any]]:
+    """Messages asking several questions in turn: ``answers`` holds (user content, answer) pairs; the
+    first question's content also carries ``first`` (the picture), which later turns refer back to."""
+    messages: list[dict[str, Any]] = []
+    for turn, (content, answer) in enumerate(answers):
+        messages += [{"role": "user", "content": (first if turn == 0 else []) + content},
+                     {"role": "assistant", "content": answer}]
+    return messages
+
+
+def extra_chats(data_dir: Path, split: str = "train", per_chat: int = 1) -> list[dict[str, Any]]:
+    """Question chats built from the world's manifests of ``split`` (paths relative to ``chat/``).
+    A picture's questions (and their spoken forms) come ``per_chat`` to a chat, one turn each, in a
+    fixed random order; the chat's ``question_kind`` is its first question's."""
     rows: list[dict[str, Any]] = []
     images = Path(data_dir) / "images" / f"{split}.jsonl"
     speech = Path(data_dir) / "speech" / f"{split}.jsonl"
@@ -208,17 +221,22 @@ def extra_chats(data_dir: Path, split: str = "train") -> list[dict[str, Any]]:
             rows.append({"kind": "transcribe", "messages": _chat(part, "transcribe this.", utt.get("sentence", utt["text"]))})
             spoken.setdefault(utt.get("sentence", utt["text"]), []).append(part)
     if images.is_file():
-        for img in JsonlIndex(images):
+        for number, img in enumerate(JsonlIndex(images)):
             picture = {"type": "image", "path": f"../images/{img['image']}"}
-            for k, qa in enumerate(img.get("qa", [])):
-                asks = {"question_kind": qa["kind"]} if "kind" in qa else {}
-                rows.append({"kind": "image_qa", **asks,
-                             "messages": _chat(picture, qa["question"], as_sentence(qa["answer"]))})
-                voices = spoken.get(qa["question"])
-                if voices:
-                    rows.append({"kind": "spoken_qa", **asks, "messages": [
-                        {"role": "user", "content": [picture, voices[k % len(voices)]]},
-                        {"role": "assistant", "content": as_sentence(qa["answer"])}]})
+            qas = list(img.get("qa", []))
+            random.Random(number).shuffle(qas)
+            written, heard = [], []
+            for k, qa in enumerate(qas):
+                answer = as_sentence(qa["answer"])
+                written.append((qa, [{"type": "text", "text": qa["question"]}], answer))
+                if voices := spoken.get(qa["question"]):
+                    heard.append((qa, [voices[k % len(voices)]], answer))
+            for kind, turns in (("image_qa", written), ("spoken_qa", heard)):
+                for start in range(0, len(turns), per_chat):
+                    group = turns[start:start + per_chat]
+                    asks = {"question_kind": group[0][0]["kind"]} if "kind" in group[0][0] else {}
+                    rows.append({"kind": kind, **asks, "messages": question_turns(
+                        [picture], [(content, answer) for _, content, answer in group])})
     if stories.is_file():  # reading questions in chat form: the Thinker keeps what stage A taught it
         for story in JsonlIndex(stories):
             rows += [{"kind": "text_qa", "messages": messages} for messages in story_chats(story["text"])]
@@ -375,7 +393,8 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
     store: dict = {}
     cache = not model.cfg.sft_train_encoders
     rows_seen = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum
-    train_rows = mix(chat_rows(data_dir, "train") + extra_chats(data_dir), MIXTURE, rows_seen, train_cfg.seed)
+    extra = extra_chats(data_dir, per_chat=model.cfg.sft_questions_per_chat)
+    train_rows = mix(chat_rows(data_dir, "train") + extra, MIXTURE, rows_seen, train_cfg.seed)
     train_data = ChatSamples(train_rows, chat_dir, model, cache, store)
     val_data = ChatSamples(chat_rows(data_dir, "val"), chat_dir, model, cache, store) \
         if (chat_dir / "val.jsonl").is_file() else None
