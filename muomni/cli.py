@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="analytic memory plan of a preset against a GPU budget")
     plan.add_argument("--preset", default="base")
     plan.add_argument("--budget-gb", type=float, default=12.0)
+    plan.add_argument("--measure", action="store_true",
+                      help="also take one training step of each stage and count what it keeps, beside the plan")
+    plan.add_argument("--measure-batch", type=int, default=2, help="batch of the measured steps (the plan scales with it)")
+    plan.add_argument("--device", default="auto", help="where the measured steps run")
 
     demo = sub.add_parser("demo", help="build the world, train every stage, evaluate, answer sample prompts")
     demo.add_argument("--preset", default="tiny")

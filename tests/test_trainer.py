@@ -211,11 +211,11 @@ def test_unknown_set_key_fails_naming_the_key():
 def test_memory_plan_counts_the_thinker_exactly_and_checkpointing_saves_memory():
     from muomni.config import preset
     from muomni.thinker import Thinker
-    from muomni.train.memory_plan import _thinker, stack_activations
+    from muomni.train.memory_plan import stack_activations, stage_parts
 
     cfg = preset("base")
     with torch.device("meta"):
-        assert _thinker(cfg, 1).params == Thinker(cfg.thinker).num_parameters()
+        assert stage_parts(cfg, "thinker", TrainConfig(batch_size=1))[0].params == Thinker(cfg.thinker).num_parameters()
     full, ckpt = (stack_activations(cfg.thinker, 1000, flag) for flag in (False, True))
     assert 0 < ckpt < full
 
