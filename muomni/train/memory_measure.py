@@ -72,7 +72,8 @@ class SavedTensors:
     def _enter(self, index: int):
         def hook(module: nn.Module, args: tuple) -> None:
             self.block = index
-            self.block_inputs[index] = [weakref.ref(a) for a in args if torch.is_tensor(a)]
+            tensors = [t for a in args for t in (a if isinstance(a, tuple) else (a,)) if torch.is_tensor(t)]
+            self.block_inputs[index] = [weakref.ref(t) for t in tensors]  # x, the rotary tables, the mask
         return hook
 
     def _leave(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -107,7 +107,7 @@ def stack_activations(cfg: TransformerConfig, tokens: int, checkpointing: bool, 
     tables = 2 * 4 * cfg.head_dim if rope else 0  # the fp32 cos/sin tables, shared by the blocks
     if checkpointing:  # each block's input and the tables are held; one block is recomputed at a time
         held = tokens * (cfg.n_layers * 4 * cfg.d_model + tables + norm_bytes(cfg))
-        return held + (tokens * block + copies if recompute else 0)
+        return held + (tokens * (block - 4 * cfg.d_model) + copies if recompute else 0)  # its input is held
     held_tables = tables if half == 4 else 0  # under autocast the blocks keep their bf16 casts instead
     return tokens * (cfg.n_layers * block + held_tables + norm_bytes(cfg)) + cfg.n_layers * copies
 
