@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0)
 
     bench = sub.add_parser("bench", help="measure speed and memory (JSON)")
-    bench.add_argument("what", help="thinker (model benchmark) or train (a training stage)")
+    bench.add_argument("what", help="thinker (model benchmark), train (a training stage) or gpu (every stage on CUDA)")
     bench.add_argument("--preset", default="base")
     bench.add_argument("--stage", default="thinker")
     bench.add_argument("--steps", type=int, default=None, help="timed steps (default: by benchmark)")
