@@ -243,6 +243,8 @@ def mix(rows: list[dict[str, Any]], shares: dict[str, float], total: int, seed: 
     for kind, share in present.items():
         pool = by_kind[kind]
         count = round(total * share / scale)
+        if count == 0:  # a short run draws no row of a rare kind
+            continue
         order = torch.cat([torch.randperm(len(pool), generator=generator)
                            for _ in range(math.ceil(count / len(pool)))])[:count]
         mixed += [pool[i] for i in order.tolist()]
