@@ -15,9 +15,9 @@ import pytest
 
 from muomni.cli import main as cli
 from muomni.config import preset
-from muomni.data.world import build_world, preset_config
 from muomni.omni import OmniModel
-from muomni.train.stages import is_finished, stage_module
+from muomni.train.stages import is_finished
+from omni_fixtures import train_small_world
 
 STAGES = ("thinker", "audio", "vision", "speech", "vocoder", "sft")
 TRAIN = ["steps=2", "batch_size=2", "eval_every=0", "eval_batches=1", "save_every=2", "log_every=1",
@@ -29,14 +29,9 @@ STAGE_OVERRIDES = {"thinker": ["train.seq_len=2048"],  # one row fills the base 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("base")
-    data, runs = root / "world", root / "runs"
-    cfg = preset_config("base", scenes=16, utterances=30, clips=16, eval_clips=2, stories=60, chats=20,
-                        eval_questions=2)
-    build_world(cfg, data, log=lambda message: None)
-    for stage in STAGES:
-        stage_module(stage).train("base", data, runs, OVERRIDES + STAGE_OVERRIDES.get(stage, []), False)
-    return data, runs
+    world = {"scenes": 16, "utterances": 30, "clips": 16, "eval_clips": 2, "stories": 60, "chats": 20,
+             "eval_questions": 2}
+    return train_small_world(tmp_path_factory.mktemp("base"), "base", world, STAGES, OVERRIDES, STAGE_OVERRIDES)
 
 
 @pytest.mark.slow
