@@ -27,3 +27,12 @@ def test_plan_agrees_with_the_measured_step_within_20_percent(measured, precisio
 def test_checkpointing_keeps_less(measured):
     for row in measured:
         assert row["activations_ckpt"] < row["activations"] and row["activations_ckpt_fp32"] < row["activations_fp32"]
+
+
+def test_plan_measure_prints_both_columns(capsys):
+    from muomni.cli import main
+
+    assert main(["plan", "--preset", "tiny", "--measure", "--measure-batch", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan for preset 'tiny'" in out and "plan / measured on cpu at batch 1" in out
+    assert all(f"| {stage} | 1 |" in out for stage in STAGE_ORDER)

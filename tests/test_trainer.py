@@ -252,3 +252,14 @@ def test_stage_a_packing_separates_documents_with_eos_and_masks_padding():
     assert data[0]["input_ids"].tolist() == [97, 98, 99, 2] and data[0]["targets"].tolist() == [98, 99, 2, 100]
     # the final <|eos|> stays a target; the padding after it does not
     assert data[1]["input_ids"].tolist() == [101, 102, 103, 2] and data[1]["targets"].tolist() == [102, 103, 2, -100]
+
+
+def test_precision_picks_autocast_on_any_device_and_names_unknown_ones():
+    from muomni.train.trainer import TrainError, autocast
+
+    with autocast(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast(torch.device("cpu"), "auto"):
+        assert not torch.is_autocast_enabled("cpu")  # fp32 off CUDA unless asked
+    with pytest.raises(TrainError, match="unknown precision 'fp16'; choose one of auto, bf16, fp32"):
+        autocast(torch.device("cpu"), "fp16")

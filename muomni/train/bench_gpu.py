@@ -6,7 +6,8 @@ and kernel choice, then ``steps`` are timed. Reported per stage: the peak of
 ``torch.cuda.max_memory_allocated`` beside the plan (`memory_plan`), seconds per step, tokens (or
 25 Hz frames, or code steps) per second, and the projected wall time of the stage's configured steps.
 The random inputs need no data and no earlier stage, so a fresh clone on a fresh GPU runs it in one
-command; the whole run takes about a minute on a modern GPU (each stage: a few seconds of steps).
+command; on a modern GPU the whole run should take a minute or two (13 steps per stage, well under the
+8 minutes it is meant to fit).
 
 Stage D's codec, trained before its Talker, is small and not timed here; `muomni bench train
 --stage speech` times both on the world.

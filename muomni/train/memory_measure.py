@@ -182,7 +182,7 @@ def table(planned: dict[str, list[dict]], measured: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(preset: str, batch_size: int, device: torch.device) -> None:
+def print_measured(preset: str, batch_size: int, device: torch.device) -> None:
     """Print the measured piles beside the plan at ``batch_size``."""
     measured = measure_rows(preset, batch_size, device)
     planned = {precision: plan_rows(preset, batch_size, precision) for precision in ("bf16", "fp32")}

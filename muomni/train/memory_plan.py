@@ -287,8 +287,8 @@ def main(args) -> int:
     if defaults:
         print(f"(batch of {', '.join(defaults)}: TrainConfig default, the stage module is not present)")
     if args.measure:
-        from muomni.train.memory_measure import main as measure
+        from muomni.train.memory_measure import print_measured
         from muomni.train.trainer import pick_device
 
-        measure(args.preset, args.measure_batch, pick_device(args.device))
+        print_measured(args.preset, args.measure_batch, pick_device(args.device))
     return 0
