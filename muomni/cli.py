@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one stage")
     train.add_argument("--stage", required=True, help="thinker, audio, vision, speech, vocoder or sft")
     train.add_argument("--preset", default="tiny")
-    train.add_argument("--data", default="data/world", help="data directory (the world or real manifests)")
+    train.add_argument("--data", default="data/world",
+                       help="data directory (the world or real manifests); stage sft mixes several with weights: "
+                            "data/world,data/coco=0.5,data/ljspeech=0.2")
     train.add_argument("--out", default=None, help="runs directory (default: runs/<preset>)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=1e-3 --set thinker.n_layers=2")

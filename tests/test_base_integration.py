@@ -2,7 +2,8 @@
 
 A very small world at the base image size (224 px, so 14 x 14 patches of 16 px), then every stage
 (A-E and the vocoder) for two optimiser steps at the base shapes (32 000-token vocabulary, the 2 048
-context filled by stage A's rows), under bf16 autocast as on a GPU; then `muomni eval` and one
+context filled by stage A's rows), under bf16 autocast as on a GPU, stage E on the world and on the
+real-data fixtures (COCO, LibriSpeech, LJSpeech) mixed by weight; then `muomni eval` and one
 `muomni chat` with an image, a recording and a clip that speaks its answer. Only batches,
 step counts and the world's size are reduced, never a model shape.
 """
@@ -15,9 +16,11 @@ import pytest
 
 from muomni.cli import main as cli
 from muomni.config import preset
+from muomni.data import realdata as R
 from muomni.omni import OmniModel
-from muomni.train.stages import is_finished
+from muomni.train.stages import is_finished, stage_module
 from omni_fixtures import train_small_world
+from realdata_fixtures import coco_tree, librispeech_tree, ljspeech_tree
 
 STAGES = ("thinker", "audio", "vision", "speech", "vocoder", "sft")
 TRAIN = ["steps=2", "batch_size=2", "eval_every=0", "eval_batches=1", "save_every=2", "log_every=1",
@@ -29,9 +32,18 @@ STAGE_OVERRIDES = {"thinker": ["train.seq_len=2048"],  # one row fills the base 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("base")
     world = {"scenes": 16, "utterances": 30, "clips": 16, "eval_clips": 2, "stories": 60, "chats": 20,
              "eval_questions": 2}
-    return train_small_world(tmp_path_factory.mktemp("base"), "base", world, STAGES, OVERRIDES, STAGE_OVERRIDES)
+    data, runs = train_small_world(root, "base", world, STAGES[:-1], OVERRIDES, STAGE_OVERRIDES)
+    # Stage E as a GPU learner runs it on real data: the world's chats beside caption chats from COCO,
+    # transcriptions from LibriSpeech and spoken answers in the LJSpeech voice, mixed by weight.
+    R.convert_coco(coco_tree(root / "coco_src", images=20), root / "coco", log=lambda message: None)
+    R.convert_librispeech(librispeech_tree(root / "libri_src"), root / "librispeech", log=lambda message: None)
+    R.convert_ljspeech(ljspeech_tree(root / "lj_src"), root / "ljspeech", log=lambda message: None)
+    sources = f"{data},{root / 'coco'}=1,{root / 'librispeech'}=1,{root / 'ljspeech'}=3"
+    stage_module("sft").train("base", sources, runs, OVERRIDES + ["train.batch_size=3"], False)
+    return data, runs
 
 
 @pytest.mark.slow
@@ -41,6 +53,8 @@ def test_every_stage_trains_at_base_shapes_in_bf16(trained):
     for path in runs.rglob("run.json"):  # every trained network (stage D trains two)
         run = json.loads(path.read_text())
         assert run["train"]["precision"] == "bf16" and run.get("step", 2) == 2, path
+    logged = [json.loads(line) for line in (runs / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("talker_loss" in line for line in logged)  # an LJSpeech answer was spoken in stage E
     model = OmniModel.load(runs / "sft")
     base = preset("base")
     assert model.cfg.thinker == base.thinker and model.cfg.audio == base.audio
