@@ -6,8 +6,8 @@ Training memory is four piles (Rajbhandari et al., 2020, "ZeRO", section 3):
   on the ``meta`` device where they can be: exact, and free);
 - gradients: 4 bytes per *trainable* parameter;
 - AdamW state: two fp32 moments, 8 bytes per trainable parameter;
-- activations saved for the backward pass, see `block_activation_bytes` for one block and the
-  ``_<stage>_extra`` helpers for what a stage saves outside its blocks (frontends, heads, losses).
+- activations saved for the backward pass: `block_activation_bytes` for one block, `stage_parts`
+  (with `head_bytes`, `ctc_bytes`) for what a stage saves outside its blocks (frontends, heads, losses).
   Attention is assumed flash/memory-efficient (no ``seq x seq`` matrix). Gradient checkpointing
   keeps each block's input (and the rotary tables) and recomputes one block at a time, so
   ``n_layers x block`` becomes ``n_layers x input + one block``.
@@ -32,8 +32,8 @@ corrected where the first version was wrong:
 Frozen networks (the encoders during SFT, whose outputs are cached) run without gradients: their
 weights count, their activations do not; stage E's Talker speaks `spoken_answers` answers of
 `SPOKEN_TOKENS` tokens per batch. Dropout (none in ``base``) is not modelled: it keeps a mask per
-dropped tensor and, on a CPU, makes attention keep its ``seq x seq`` weights. The CUDA context (~0.5 GB) and allocator fragmentation are not included; `muomni bench gpu` measures
-the real peak to compare.
+dropped tensor and, on a CPU, makes attention keep its ``seq x seq`` weights. The CUDA context
+(~0.5 GB) and allocator fragmentation are not included; `muomni bench gpu` measures the real peak.
 """
 
 from __future__ import annotations
@@ -193,21 +193,22 @@ def stage_parts(cfg: OmniConfig, stage: str, train: TrainConfig, precision: str 
         projector = image_tokens * (4 * d_in + 8 + half * (d_in + 2 * hidden)) + copies * hidden * (d_in + t.d_model)
         projectors = _params(lambda: Projector(2 * a.d_model, hidden, t.d_model)) \
             + _params(lambda: Projector(d_in, hidden, t.d_model))
+        codec = sum(p.numel() for p in Codec(cfg.codec).parameters())  # small, and its mel filterbank
+        # cannot be built on the meta device
         return [thinker, Part("projectors", projectors, True, projector, projector),
                 _talker(cfg, spoken_answers(b), SPOKEN_TOKENS,
                         int(SPOKEN_TOKENS * CODE_FRAMES_PER_TOKEN) + cfg.codec.n_codebooks, half),
                 Part("audio", _params(lambda: AuT(a)), False), Part("vit", _params(lambda: CLIP(v, 1).vision), False),
-                Part("codec", sum(p.numel() for p in Codec(cfg.codec).parameters()), False)]  # small; its mel
-        # filterbank cannot be built on the meta device
+                Part("codec", codec, False)]
     if stage == "audio":
         frames = int(a.max_seconds * 100)  # 100 mel frames per second
         tokens, m, c = -(-frames // 4), a.n_mels, a.conv_channels  # 25 Hz after the two stride-2 convs
         vocab = len(a.ctc_vocab) + 1
         # per 25 Hz token: the convs' inputs and outputs (4 mel frames, 2 + 2 + 1 + 1 conv columns),
         # the CTC head's input and fp32 log-probabilities; per utterance the CTC table
-        frontend = tokens * (half * (4 * m + 6 * c) + half * a.d_model + 4 * vocab + 12) \
+        frontend = tokens * (half * (4 * m + 6 * c) + half * a.d_model + 4 * vocab + 12)
+        extra = b * (frontend + ctc_bytes(tokens, int(a.max_seconds * CHARACTERS_PER_SECOND))) \
             + copies * (3 * m * c + 3 * c * c + c * a.d_model + a.d_model * vocab)
-        extra = b * (frontend + ctc_bytes(tokens, int(a.max_seconds * CHARACTERS_PER_SECOND)))
         return [_part("audio", _params(lambda: AuT(a)), a, b * tokens, half, extra)]
     if stage == "vision":
         patches = (v.image_size // v.patch_size) ** 2 + 1
