@@ -28,11 +28,8 @@ def is_several(spec: str) -> bool:
 
 
 def parse_sources(spec: str) -> list[DataSource]:
-    """``DIR[=WEIGHT],DIR[=WEIGHT],...`` -> the sources, in order.
-
-    >>> parse_sources("data/world")
-    [DataSource(path=PosixPath('data/world'), weight=1.0)]
-    """
+    """``DIR[=WEIGHT],DIR[=WEIGHT],...`` -> the sources, in order: ``data/world,data/coco=0.5`` is the
+    world at weight 1 and COCO at 0.5; a single ``data/world`` is one source."""
     sources = []
     for item in spec.split(","):
         path, _, weight = item.strip().partition("=")
