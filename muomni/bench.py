@@ -14,8 +14,8 @@ built with the same shapes (the reference's head is always untied):
 
 The two models are timed in alternating rounds, so a machine that is busy with other work slows
 both alike, and the fastest round of each is reported (as `timeit` does: it is the round least
-disturbed by that other work). ``muomni bench train`` times a training stage
-(`muomni.train.bench_train`).
+disturbed by that other work). ``muomni bench train`` times a training stage on the world
+(`muomni.train.bench_train`), ``muomni bench gpu`` every stage on a CUDA GPU (`muomni.train.bench_gpu`).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ class BenchError(ValueError):
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.what == "train":
-        return importlib.import_module("muomni.train.bench_train").main(args)
+    if args.what in ("train", "gpu"):
+        return importlib.import_module(f"muomni.train.bench_{args.what}").main(args)
     if args.what != "thinker":
-        raise BenchError(f"unknown benchmark '{args.what}'; choose 'thinker' or 'train'")
+        raise BenchError(f"unknown benchmark '{args.what}'; choose 'thinker', 'train' or 'gpu'")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = bench_thinker(args.preset, device=pick_device(args.device), steps=args.steps or 3)
@@ -175,14 +175,18 @@ def matmul_peak_gflop_s(device: torch.device, size: int = PEAK_MATMUL_SIZE, repe
     return 2 * size**3 / seconds / 1e9
 
 
-def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    """One forward + backward + AdamW step of ``model``, as the trainer takes it."""
+def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], clip: float = 0.0) -> Callable[[], None]:
+    """One forward + backward + AdamW step of ``model``, as the trainer takes it (with ``clip`` > 0,
+    the gradient norm is clipped to it first, as the trainer does)."""
     model.train()
     optimizer = make_optimizer(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
         loss = loss_fn()
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(trained, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

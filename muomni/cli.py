@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one stage")
     train.add_argument("--stage", required=True, help="thinker, audio, vision, speech, vocoder or sft")
     train.add_argument("--preset", default="tiny")
-    train.add_argument("--data", default="data/world", help="data directory (the world or real manifests)")
+    train.add_argument("--data", default="data/world",
+                       help="data directory (the world or real manifests); stage sft mixes several with weights: "
+                            "data/world,data/coco=0.5,data/ljspeech=0.2")
     train.add_argument("--out", default=None, help="runs directory (default: runs/<preset>)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=1e-3 --set thinker.n_layers=2")
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0)
 
     bench = sub.add_parser("bench", help="measure speed and memory (JSON)")
-    bench.add_argument("what", help="thinker (model benchmark) or train (a training stage)")
+    bench.add_argument("what", help="thinker (model benchmark), train (a training stage) or gpu (every stage on CUDA)")
     bench.add_argument("--preset", default="base")
     bench.add_argument("--stage", default="thinker")
     bench.add_argument("--steps", type=int, default=None, help="timed steps (default: by benchmark)")
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="analytic memory plan of a preset against a GPU budget")
     plan.add_argument("--preset", default="base")
     plan.add_argument("--budget-gb", type=float, default=12.0)
+    plan.add_argument("--measure", action="store_true",
+                      help="also take one training step of each stage and count what it keeps, beside the plan")
+    plan.add_argument("--measure-batch", type=int, default=2, help="batch of the measured steps (the plan scales with it)")
+    plan.add_argument("--device", default="auto", help="where the measured steps run")
 
     demo = sub.add_parser("demo", help="build the world, train every stage, evaluate, answer sample prompts")
     demo.add_argument("--preset", default="tiny")

@@ -156,14 +156,20 @@ class VectorQuantizer(nn.Module):
         return n_dead
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vectors ``(n, dim)`` -> (quantised ``(n, dim)``, codes ``(n,)``); learns in training mode."""
-        if self.training and not bool(self.initialised):
-            self.init_from(x.detach())
-        codes = self.encode(x.detach())
-        quantized = self.decode(codes)
-        if self.training:
-            self.ema_update(x.detach(), codes)
-            self.restart_dead(x.detach())
+        """Vectors ``(n, dim)`` -> (quantised ``(n, dim)``, codes ``(n,)``); learns in training mode.
+
+        Always in fp32, under autocast too: the codebook is an fp32 buffer, and EMA sums in bf16 would
+        lose the small updates they are made of.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.training and not bool(self.initialised):
+                self.init_from(x.detach())
+            codes = self.encode(x.detach())
+            quantized = self.decode(codes)
+            if self.training:
+                self.ema_update(x.detach(), codes)
+                self.restart_dead(x.detach())
         return quantized, codes
 
 

@@ -221,6 +221,8 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl lines
     seed: int = 0  # seeds model init, data order and augmentation
     device: str = "auto"  # "auto" picks cuda > mps > cpu
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16": autocast on any device
+    # (CPUs too, which checks the GPU's number path without one); "fp32": no autocast
     compile: bool = False  # torch.compile the model (off by default: slow to start on CPU)
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
     fsdp: bool = False  # under torchrun, shard with FSDP2 instead of DDP

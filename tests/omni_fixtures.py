@@ -48,3 +48,17 @@ def write_media(directory: Path) -> dict[str, Path]:
     frames = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")) for _ in range(4)]
     frames[0].save(paths["video"], save_all=True, append_images=frames[1:], duration=250)
     return paths
+
+
+def train_small_world(root: Path, preset: str, world: dict, stages: tuple[str, ...], overrides: list[str],
+                      stage_overrides: dict[str, list[str]]) -> tuple[Path, Path]:
+    """Build a world of ``preset`` with the ``world`` sizes in ``root/world`` and train ``stages`` in
+    order into ``root/runs`` with ``overrides`` (plus each stage's own); returns (data, runs)."""
+    from muomni.data.world import build_world, preset_config
+    from muomni.train.stages import stage_module
+
+    data, runs = root / "world", root / "runs"
+    build_world(preset_config(preset, **world), data, log=lambda message: None)
+    for stage in stages:
+        stage_module(stage).train(preset, data, runs, overrides + stage_overrides.get(stage, []), False)
+    return data, runs

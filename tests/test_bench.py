@@ -50,3 +50,47 @@ def test_bench_train_thinker_needs_no_data_and_names_unknown_stages():
         bench_stage("thinkr", "tiny", steps=1, device="cpu")
     with pytest.raises(StageError, match="pass --data"):
         bench_stage("audio", "tiny", steps=1, device="cpu", data_dir=None)
+
+
+class CpuStandIn:
+    """The `bench_gpu.Accelerator` interface on the CPU, counting what the benchmark asks of it."""
+
+    device, name = torch.device("cpu"), "a CPU standing in for a GPU"
+
+    def __init__(self):
+        self.calls = {"synchronize": 0, "reset_peak": 0}
+
+    def synchronize(self):
+        self.calls["synchronize"] += 1
+
+    def reset_peak(self):
+        self.calls["reset_peak"] += 1
+
+    def max_memory_allocated(self):
+        return 3 * 2**30
+
+
+def test_bench_gpu_times_every_stage_and_projects_its_configured_steps():
+    from muomni.train.bench_gpu import bench_gpu
+    from muomni.train.memory_plan import STAGE_ORDER
+
+    device = CpuStandIn()
+    result = bench_gpu("tiny", device, warm=1, steps=1, batch_size=2)
+    assert list(result["stages"]) == list(STAGE_ORDER) and result["device"] == device.name
+    assert device.calls == {"synchronize": 2 * len(STAGE_ORDER), "reset_peak": len(STAGE_ORDER)}
+    for stage, row in result["stages"].items():
+        assert row["batch"] == 2 and row["step_s"] > 0 and row["peak_memory_gb"] == 3.0
+        rate = next(value for key, value in row.items() if key.endswith("_per_s"))
+        assert rate > 0 and row["peak_vs_plan"] == pytest.approx(3.0 / row["plan_gb"], rel=0.01)
+        assert row["projected_minutes"] == pytest.approx(row["configured_steps"] * row["step_s"] / 60, abs=0.06)
+    assert result["projected_hours"] > 0
+
+
+def test_bench_gpu_refuses_politely_without_cuda(capsys):
+    from muomni.cli import main as cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert cli(["bench", "gpu", "--preset", "base", "--out", "gpu.json"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a CUDA GPU" in err and "Traceback" not in err

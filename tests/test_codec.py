@@ -127,3 +127,11 @@ def test_frame_counts():
     assert Codec(cfg).eval().encode(frontend(wave)).shape == (1, 4, 5)  # ceil(37 / 8)
     with pytest.raises(CodecError, match="expected mel"):
         Codec(cfg).encode(torch.randn(1, 3, 8))
+
+
+def test_quantiser_learns_in_fp32_under_bf16_autocast():
+    # On a GPU the Trainer runs the codec under bf16 autocast; the codebook statistics must stay fp32.
+    vq = VectorQuantizer(8, 4, dead_threshold=10.0).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        quantized, codes = vq(torch.randn(32, 4).to(torch.bfloat16))
+    assert quantized.dtype == vq.codebook.dtype == vq.ema_sum.dtype == torch.float32 and codes.shape == (32,)

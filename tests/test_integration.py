@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from muomni.data.world import build_world, preset_config
 from muomni.omni import OmniModel, SpeechError
 from muomni.train.stages import is_finished, stage_module
+from omni_fixtures import train_small_world
 
 STAGES = ("thinker", "audio", "vision", "speech", "sft")
 # Small models and a handful of steps: this checks the plumbing, not the learning.
@@ -30,13 +30,10 @@ STAGE_OVERRIDES = {"speech": ["codec_train.steps=3", "codec_train.batch_size=4",
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("integration")
-    data, runs = root / "world", root / "runs"
-    cfg = preset_config("tiny", scenes=40, utterances=60, clips=20, eval_clips=6, stories=60, chats=80, eval_questions=8)
-    build_world(cfg, data, log=lambda message: None)
-    for stage in STAGES:
-        stage_module(stage).train("tiny", data, runs, OVERRIDES + STAGE_OVERRIDES.get(stage, []), False)
-    return data, runs
+    world = {"scenes": 40, "utterances": 60, "clips": 20, "eval_clips": 6, "stories": 60, "chats": 80,
+             "eval_questions": 8}
+    return train_small_world(tmp_path_factory.mktemp("integration"), "tiny", world, STAGES, OVERRIDES,
+                             STAGE_OVERRIDES)
 
 
 @pytest.mark.slow

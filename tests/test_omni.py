@@ -227,6 +227,7 @@ def test_the_sft_mixture_follows_its_shares_and_repeats_rare_kinds():
     assert Counter(row["kind"] for row in mixed) == {"common": 100, "rare": 100}
     assert Counter(row["i"] for row in mixed if row["kind"] == "rare") == {i: 10 for i in range(10)}  # each rare row 10 times
     assert mixed == mix(rows, {"common": 0.5, "rare": 0.5, "absent": 0.3}, total=200, seed=0)
+    assert [row["kind"] for row in mix(rows, {"common": 0.9, "rare": 0.1}, total=4, seed=0)] == ["common"] * 4
 
 
 def test_a_part_missing_weights_names_them():

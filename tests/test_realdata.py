@@ -22,11 +22,7 @@ from muomni.data import realdata as R
 from muomni.data.datasets import ManifestDataset, asr_pair, image_captions
 from muomni.data.download import DownloadError, download, extract
 from muomni.data.index import JsonlIndex
-
-
-def tone(seconds: float, rate: int) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+from realdata_fixtures import coco_tree, librispeech_tree, ljspeech_tree
 
 
 def pack(src: Path, archive: Path) -> Path:
@@ -49,18 +45,7 @@ def read_manifest(path: Path) -> list[dict]:
 
 @pytest.fixture
 def librispeech_archive(tmp_path) -> Path:
-    src = tmp_path / "src"
-    for subset, speaker, chapter, n in (("dev-clean", "84", "121123", 3), ("train-clean-100", "19", "198", 2)):
-        folder = src / "LibriSpeech" / subset / speaker / chapter
-        folder.mkdir(parents=True)
-        lines = []
-        for k in range(n):
-            uid = f"{speaker}-{chapter}-{k:04d}"
-            lines.append(f"{uid} GO DO YOU HEAR {k + 2} TIMES")
-            sf.write(str(folder / f"{uid}.flac"), tone(0.5 + 0.25 * k, 16000), 16000, format="FLAC")
-        lines.append(f"{speaker}-{chapter}-9999 THIS ONE HAS NO AUDIO")  # like a size-capped subset
-        (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
-    return pack(src, tmp_path / "dev-clean.tar.gz")
+    return pack(librispeech_tree(tmp_path / "src"), tmp_path / "dev-clean.tar.gz")
 
 
 def test_librispeech_tree_to_speech_manifests(librispeech_archive, tmp_path):
@@ -78,15 +63,8 @@ def test_librispeech_tree_to_speech_manifests(librispeech_archive, tmp_path):
 
 
 def test_ljspeech_metadata_to_speech_manifests(tmp_path):
-    src = tmp_path / "src" / "LJSpeech-1.1"
-    (src / "wavs").mkdir(parents=True)
-    rows = [("LJ001-0001", "Printing, in the only sense", "Printing, in the only sense"),
-            ("LJ001-0002", "In 1850 it rose", "In eighteen fifty it rose"),
-            ("LJ001-0003", "Chapter 12", "")]
-    for uid, _, _ in rows:
-        sf.write(str(src / "wavs" / f"{uid}.wav"), tone(1.0, 22050), 22050, subtype="PCM_16")
-    (src / "metadata.csv").write_text("\n".join("|".join(r) for r in rows) + "\n")
-    root = extract(pack(tmp_path / "src", tmp_path / "LJSpeech-1.1.tar.bz2"), tmp_path / "raw", log=lambda _: None)
+    root = extract(pack(ljspeech_tree(tmp_path / "src"), tmp_path / "LJSpeech-1.1.tar.bz2"), tmp_path / "raw",
+                   log=lambda _: None)
     counts = R.convert_ljspeech(root, tmp_path / "out", log=lambda _: None)
     assert sum(counts.values()) == 3
     records = {r["id"]: r for split in counts for r in read_manifest(tmp_path / "out" / "speech" / f"{split}.jsonl")}
@@ -99,16 +77,7 @@ def test_ljspeech_metadata_to_speech_manifests(tmp_path):
 
 
 def test_coco_captions_json_to_image_manifests(tmp_path):
-    src = tmp_path / "src"
-    (src / "annotations").mkdir(parents=True)
-    (src / "val2017").mkdir()
-    images, annotations = [], []
-    for k in range(6):
-        name = f"{k:012d}.jpg"
-        Image.new("RGB", (40, 30), (k * 40, 90, 200)).save(src / "val2017" / name)
-        images.append({"id": k, "file_name": name, "width": 40, "height": 30})
-        annotations += [{"id": 10 * k + j, "image_id": k, "caption": f"A  photo number {k}, take {j}. "} for j in range(2)]
-    (src / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    src = coco_tree(tmp_path / "src")
     root = extract(pack(src, tmp_path / "annotations_trainval2017.zip"), tmp_path / "raw", log=lambda _: None)
     counts = R.convert_coco(root, tmp_path / "out", log=lambda _: None)
     assert sum(counts.values()) == 6

@@ -211,11 +211,11 @@ def test_unknown_set_key_fails_naming_the_key():
 def test_memory_plan_counts_the_thinker_exactly_and_checkpointing_saves_memory():
     from muomni.config import preset
     from muomni.thinker import Thinker
-    from muomni.train.memory_plan import _thinker, stack_activations
+    from muomni.train.memory_plan import stack_activations, stage_parts
 
     cfg = preset("base")
     with torch.device("meta"):
-        assert _thinker(cfg, 1).params == Thinker(cfg.thinker).num_parameters()
+        assert stage_parts(cfg, "thinker", TrainConfig(batch_size=1))[0].params == Thinker(cfg.thinker).num_parameters()
     full, ckpt = (stack_activations(cfg.thinker, 1000, flag) for flag in (False, True))
     assert 0 < ckpt < full
 
@@ -252,3 +252,14 @@ def test_stage_a_packing_separates_documents_with_eos_and_masks_padding():
     assert data[0]["input_ids"].tolist() == [97, 98, 99, 2] and data[0]["targets"].tolist() == [98, 99, 2, 100]
     # the final <|eos|> stays a target; the padding after it does not
     assert data[1]["input_ids"].tolist() == [101, 102, 103, 2] and data[1]["targets"].tolist() == [102, 103, 2, -100]
+
+
+def test_precision_picks_autocast_on_any_device_and_names_unknown_ones():
+    from muomni.train.trainer import TrainError, autocast
+
+    with autocast(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast(torch.device("cpu"), "auto"):
+        assert not torch.is_autocast_enabled("cpu")  # fp32 off CUDA unless asked
+    with pytest.raises(TrainError, match="unknown precision 'fp16'; choose one of auto, bf16, fp32"):
+        autocast(torch.device("cpu"), "fp16")

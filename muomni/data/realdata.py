@@ -34,6 +34,9 @@ _NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven t
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
+LJSPEECH_VOICE = "lj"  # the voice name of LJSpeech's one reader (stage E speaks answers in it)
+
+
 class RealDataError(ValueError):
     """A real dataset that is missing or not in its published layout."""
 
@@ -203,7 +206,7 @@ def convert_ljspeech(root: str | Path, out: str | Path, log: Callable[[str], Non
         audio = base / "wavs" / f"{uid}.wav"
         if not audio.exists():
             raise RealDataError(f"{meta} line {line_no}: audio {audio} not found")
-        records[hash_split(uid)].append(_speech_record(uid, audio, out, sentence.lower(), "lj"))
+        records[hash_split(uid)].append(_speech_record(uid, audio, out, sentence.lower(), LJSPEECH_VOICE))
     return _write_splits(out, records, log)
 
 

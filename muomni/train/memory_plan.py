@@ -2,27 +2,54 @@
 
 Training memory is four piles (Rajbhandari et al., 2020, "ZeRO", section 3):
 
-- weights: fp32 master copies, 4 bytes per parameter (bf16 autocast casts on the fly);
+- weights: fp32 master copies, 4 bytes per parameter (counted from the stage's own modules, built
+  on the ``meta`` device where they can be: exact, and free);
 - gradients: 4 bytes per *trainable* parameter;
 - AdamW state: two fp32 moments, 8 bytes per trainable parameter;
-- activations saved for the backward pass: per token and layer, the block inputs and the outputs of
-  every matmul, norm and nonlinearity (bf16 under autocast, the residual stream in fp32), see
-  `block_activation_bytes`. Attention is assumed flash/memory-efficient (no ``seq x seq`` matrix).
-  Gradient checkpointing keeps only each block's input and recomputes one block at a time, so
-  ``n_layers x full`` becomes ``n_layers x input + one block``.
+- activations saved for the backward pass: `block_activation_bytes` for one block, `stage_parts`
+  (with `head_bytes`, `ctc_bytes`) for what a stage saves outside its blocks (frontends, heads, losses).
+  Attention is assumed flash/memory-efficient (no ``seq x seq`` matrix). Gradient checkpointing
+  keeps each block's input (and the rotary tables) and recomputes one block at a time, so
+  ``n_layers x block`` becomes ``n_layers x input + one block``.
 
-Frozen networks (the Thinker while the Talker trains, the encoders during SFT) run under no_grad:
-their weights count, their activations do not. The CUDA context (~0.5 GB) and allocator
-fragmentation are not included; `muomni bench train` measures the real peak to compare.
+Every term was checked against a measurement (`muomni plan --measure`, `memory_measure`) and
+corrected where the first version was wrong:
+
+- the Thinker's head keeps a logits workspace of ``min(1024, tokens)`` rows (not always 1024) plus
+  the head's fp32 gradient ``vocab x d_model`` and the hidden states' gradient, computed in the
+  forward pass (`muomni.thinker.linear_cross_entropy`);
+- under autocast every trainable matmul's weight is also kept as a bf16 copy for the backward pass;
+- the rotary tables are cast to bf16 in every attention (four copies per block);
+- a norm keeps its input and, for RMSNorm, the normalised input (the CPU's composite ``rms_norm``
+  keeps it for the weight's gradient; a fused GPU kernel that recomputes it keeps ``8 d`` bytes per
+  token and block less, so there the plan errs on the safe side);
+- CTC keeps a table of ``frames x (2 x characters + 1)`` per utterance (stage B, the Talker's
+  spelling head), and the Talker's code heads their fp32 log-probabilities;
+- stage D keeps only the Talker on the GPU: the Thinker and the codec that make its inputs run
+  before it, on the CPU; stage E trains the Talker too (on spoken answers), so its gradients and
+  AdamW state count there.
+
+Frozen networks (the encoders during SFT, whose outputs are cached) run without gradients: their
+weights count, their activations do not; stage E's Talker speaks `spoken_answers` answers of
+`SPOKEN_TOKENS` tokens per batch. Dropout (none in ``base``) is not modelled: it keeps a mask per
+dropped tensor and, on a CPU, makes attention keep its ``seq x seq`` weights. The CUDA context
+(~0.5 GB) and allocator fragmentation are not included; `muomni bench gpu` measures the real peak.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+import torch
 
 from muomni.config import OmniConfig, TrainConfig, TransformerConfig, preset as load_preset
 
 GB = 1024**3
+CHARACTERS_PER_SECOND = 14  # speech rate assumed for CTC transcripts (stage B)
+CODE_FRAMES_PER_TOKEN = 2.5  # the Talker's pace: ~0.2 s of speech per text token (12.5 code frames/s)
+SPOKEN_TOKENS = 16  # length of a spoken answer in stage E
+PRECISION_BYTES = {"bf16": 2, "fp32": 4}  # bytes of a matmul's inputs and outputs
 
 
 def stack_params(cfg: TransformerConfig) -> int:
@@ -38,25 +65,51 @@ def stack_params(cfg: TransformerConfig) -> int:
     return cfg.n_layers * (attention + mlp + 2 * norm) + norm
 
 
-def block_activation_bytes(cfg: TransformerConfig) -> int:
-    """Bytes one token stores for the backward pass in one block under bf16 autocast."""
+def block_matrix_params(cfg: TransformerConfig) -> int:
+    """Weights of one block's matmuls (what autocast copies to bf16)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    experts = cfg.n_experts or 1
+    return d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d \
+        + experts * (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
+
+
+def norm_bytes(cfg: TransformerConfig) -> int:
+    """Bytes one token's norm keeps: its fp32 input and statistics (RMSNorm: also the normalised input)."""
+    return 8 * cfg.d_model + 4 if cfg.norm == "rmsnorm" else 4 * cfg.d_model + 8
+
+
+def block_activation_bytes(cfg: TransformerConfig, half: int = 2, rope: bool = True) -> int:
+    """Bytes one token stores for the backward pass in one block: ``half`` is 2 under bf16 autocast,
+    4 in fp32; ``rope``: the block rotates queries and keys (not the ViT and its text tower)."""
     d, hd, h, kv, ff = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff
-    residual = 2 * 4 * d  # the two norm inputs, fp32
-    normed = 2 * 2 * d  # the two norm outputs (matmul inputs)
-    qkv = 2 * (h + 2 * kv) * hd * 2  # projection output, and q/k/v after rotary (attention inputs)
-    attention = 2 * h * hd + 4 * h  # attention output (out-projection input) + log-sum-exp
-    mlp = 8 * ff if cfg.mlp == "swiglu" else 4 * ff  # gate|up (2ff), silu, product / up, gelu
+    norms = 2 * norm_bytes(cfg)  # attention norm and MLP norm
+    normed = 2 * half * d  # the norm outputs as the q/k/v and MLP matmuls read them
+    qkv = half * (h + 2 * kv) * hd  # the projection output (v is a view of it)
+    rotary = half * (h + kv) * hd + (4 * hd * half if half == 2 else 0) if rope else 0  # rotated q, k;
+    # under autocast also the cos/sin tables cast to bf16 for q and for k
+    attention = half * h * hd + 4 * h  # attention output (the out-projection's input), log-sum-exp
+    mlp = (4 if cfg.mlp == "swiglu" else 2) * half * ff  # gate|up, silu, product / up, gelu
     if cfg.n_experts:
         mlp *= cfg.n_experts_per_token
-    return residual + normed + qkv + attention + mlp
+    return norms + normed + qkv + rotary + attention + mlp
 
 
-def stack_activations(cfg: TransformerConfig, tokens: int, checkpointing: bool) -> int:
-    """Activation bytes of a stack over ``tokens`` tokens (batch x sequence)."""
-    block = block_activation_bytes(cfg)
-    if checkpointing:
-        return tokens * (cfg.n_layers * 4 * cfg.d_model + block)
-    return tokens * cfg.n_layers * block
+def stack_activations(cfg: TransformerConfig, tokens: int, checkpointing: bool, half: int = 2,
+                      rope: bool = True, recompute: bool = True) -> int:
+    """Activation bytes of a trainable stack over ``tokens`` tokens (batch x sequence).
+
+    ``recompute``: with checkpointing, whether this stack's block is the one held while it is
+    recomputed (the backward pass recomputes one block at a time, so a stage with two stacks
+    counts only the larger block).
+    """
+    block = block_activation_bytes(cfg, half, rope)
+    copies = 2 * block_matrix_params(cfg) if half == 2 else 0  # bf16 weight copies, per block
+    tables = 2 * 4 * cfg.head_dim if rope else 0  # the fp32 cos/sin tables, shared by the blocks
+    if checkpointing:  # each block's input and the tables are held; one block is recomputed at a time
+        held = tokens * (cfg.n_layers * 4 * cfg.d_model + tables + norm_bytes(cfg))
+        return held + (tokens * (block - 4 * cfg.d_model) + copies if recompute else 0)  # its input is held
+    held_tables = tables if half == 4 else 0  # under autocast the blocks keep their bf16 casts instead
+    return tokens * (cfg.n_layers * block + held_tables + norm_bytes(cfg)) + cfg.n_layers * copies
 
 
 @dataclass
@@ -70,79 +123,135 @@ class Part:
     activations_ckpt: int = 0  # bytes for the batch, with checkpointing
 
 
-def _transformer_part(name: str, cfg: TransformerConfig, extra_params: int, tokens: int,
-                      trainable: bool = True, extra_act_per_token: int = 0) -> Part:
-    act = stack_activations(cfg, tokens, False) + tokens * extra_act_per_token
-    act_ckpt = stack_activations(cfg, tokens, True) + tokens * extra_act_per_token
-    return Part(name, stack_params(cfg) + extra_params, trainable, act if trainable else 0,
-                act_ckpt if trainable else 0)
+def _params(build) -> int:
+    """Parameters of the module ``build()`` makes, built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
 
 
-def _thinker(cfg: OmniConfig, tokens: int, trainable: bool = True) -> Part:
-    t = cfg.thinker
-    embeddings = t.vocab_size * t.d_model * (1 if t.tie_embeddings else 2)
-    # embedding output (fp32) per token; the chunked head holds its fp32 logits workspace (at most
-    # 128 MiB, 1024 rows at a 32k vocabulary) and the head's fp32 gradient: 1024 x vocab x 8 bytes
-    part = _transformer_part("thinker", t, embeddings, tokens, trainable, 4 * t.d_model)
-    if trainable:
-        head = 1024 * t.vocab_size * 4 * 2
-        part.activations += head
-        part.activations_ckpt += head
-    return part
+def _part(name: str, params: int, cfg: TransformerConfig, tokens: int, half: int, extra: int = 0,
+          rope: bool = True, recompute: bool = True) -> Part:
+    """A trainable network: a stack over ``tokens`` tokens plus ``extra`` bytes saved outside it."""
+    return Part(name, params, True, stack_activations(cfg, tokens, False, half, rope) + extra,
+                stack_activations(cfg, tokens, True, half, rope, recompute) + extra)
 
 
-def stage_parts(cfg: OmniConfig, stage: str, train: TrainConfig) -> list[Part]:
-    """The networks a stage holds in memory, with activations for ``train.batch_size`` samples."""
-    b = train.batch_size
-    a, v, c, k = cfg.audio, cfg.vision, cfg.codec, cfg.talker
-    audio_tokens = int(a.max_seconds * 25)  # 25 Hz after the 4x conv downsampling of 100 Hz mels
-    audio_frontend = a.n_mels * a.conv_channels * 3 + a.conv_channels**2 * 3 + a.conv_channels * a.d_model
-    ctc_head = a.d_model * (len(a.ctc_vocab) + 1)
-    patches = (v.image_size // v.patch_size) ** 2 + 1
-    vit_embed = 3 * v.patch_size**2 * v.d_model + patches * v.d_model
-    text_tower_params = {f: getattr(v, f) for f in TransformerConfig.__dataclass_fields__}
-    text_tower = TransformerConfig(**{**text_tower_params, "n_layers": v.text_layers})
-    codec = 2 * (c.frames_per_code * c.n_mels * c.hidden * 3 + 4 * c.hidden**2 * 3) \
-        + c.n_codebooks * c.codebook_size * c.codebook_dim
-    talker_extra = 2 * c.n_codebooks * (c.codebook_size + 2) * k.d_model \
-        + 2 * cfg.thinker.d_model * k.d_model + k.d_model**2
-    projectors = (2 * a.d_model + 4 * v.d_model + 2 * cfg.thinker.d_model) * cfg.projector_hidden
-    if stage == "thinker":
-        return [_thinker(cfg, b * train.seq_len)]
+def spoken_answers(batch: int) -> int:
+    """Spoken answers in a stage E batch of ``batch`` chats (its mixture's share, at least one)."""
+    from muomni.train.stage_sft import MIXTURE
+
+    return max(1, round(batch * MIXTURE["speak"]))
+
+
+def _talker(cfg: OmniConfig, utterances: int, text: int, steps: int, half: int) -> Part:
+    """The Talker over ``utterances`` of ``text`` prefix tokens and ``steps`` code steps: its stack,
+    each code head's input and fp32 log-probabilities, and the spelling head's CTC."""
+    from muomni.talker import Talker
+
+    k, n_q, vocab = cfg.talker, cfg.codec.n_codebooks, cfg.codec.codebook_size + 3
+    spell = k.spell_slots * steps * (len(k.spell_chars) + 1) * 4 + ctc_bytes(k.spell_slots * steps, text) \
+        if k.spell_weight > 0 else 0
+    heads = utterances * (steps * n_q * (half * k.d_model + 4 * vocab) + spell)
+    copies = 2 * n_q * k.d_model * vocab if half == 2 else 0
+    return _part("talker", _params(lambda: Talker(k, cfg.codec, cfg.thinker.d_model)), k,
+                 utterances * (text + steps), half, heads + copies)
+
+
+def head_bytes(vocab: int, d_model: int, tokens: int, half: int) -> int:
+    """The Thinker's fused head + cross-entropy (`muomni.thinker.linear_cross_entropy`): its logits
+    workspace, the head's fp32 gradient and the hidden states' gradient, all made in the forward pass."""
+    from muomni.thinker import WORKSPACE_BYTES, chunk_rows
+
+    return min(chunk_rows(vocab, WORKSPACE_BYTES), tokens) * vocab * 4 + vocab * d_model * 4 + tokens * d_model * half
+
+
+def ctc_bytes(frames: int, characters: int) -> int:
+    """What CTC keeps for one utterance: the table of ``frames x (2 x characters + 1)`` paths (fp32)."""
+    return frames * (2 * characters + 1) * 4
+
+
+def stage_parts(cfg: OmniConfig, stage: str, train: TrainConfig, precision: str = "bf16") -> list[Part]:
+    """The networks a stage holds on the GPU, with activations for ``train.batch_size`` samples."""
+    from muomni.audio import AuT
+    from muomni.codec import Codec
+    from muomni.projector import Projector
+    from muomni.thinker import Thinker
+    from muomni.vision import CLIP
+
+    half, b = PRECISION_BYTES[precision], train.batch_size
+    a, v, k, t = cfg.audio, cfg.vision, cfg.talker, cfg.thinker
+    copies = 2 if half == 2 else 0  # bytes per matmul weight of its bf16 copy
+    if stage in ("thinker", "sft"):
+        tokens = b * train.seq_len
+        thinker = _part("thinker", _params(lambda: Thinker(t)), t, tokens, half,
+                        head_bytes(t.vocab_size, t.d_model, tokens, half))
+        if stage == "thinker":
+            return [thinker]
+        side = (v.image_size // v.patch_size + 1) // 2
+        image_tokens = b * side * side  # one picture per chat, merged 2x2
+        d_in, hidden = 4 * v.d_model, cfg.projector_hidden  # the vision projector: norm, up, GELU, down
+        projector = image_tokens * (4 * d_in + 8 + half * (d_in + 2 * hidden)) + copies * hidden * (d_in + t.d_model)
+        projectors = _params(lambda: Projector(2 * a.d_model, hidden, t.d_model)) \
+            + _params(lambda: Projector(d_in, hidden, t.d_model))
+        codec = sum(p.numel() for p in Codec(cfg.codec).parameters())  # small, and its mel filterbank
+        # cannot be built on the meta device
+        return [thinker, Part("projectors", projectors, True, projector, projector),
+                _talker(cfg, spoken_answers(b), SPOKEN_TOKENS,
+                        int(SPOKEN_TOKENS * CODE_FRAMES_PER_TOKEN) + cfg.codec.n_codebooks, half),
+                Part("audio", _params(lambda: AuT(a)), False), Part("vit", _params(lambda: CLIP(v, 1).vision), False),
+                Part("codec", codec, False)]
     if stage == "audio":
-        frontend_act = 4 * a.n_mels * 4 + 2 * a.conv_channels * 2 * 3  # per 25 Hz token: 4 mel frames, convs
-        return [_transformer_part("audio", a, audio_frontend + ctc_head, b * audio_tokens,
-                                  extra_act_per_token=frontend_act)]
+        frames = int(a.max_seconds * 100)  # 100 mel frames per second
+        tokens, m, c = -(-frames // 4), a.n_mels, a.conv_channels  # 25 Hz after the two stride-2 convs
+        vocab = len(a.ctc_vocab) + 1
+        # per 25 Hz token: the convs' inputs and outputs (4 mel frames, 2 + 2 + 1 + 1 conv columns),
+        # the CTC head's input and fp32 log-probabilities; per utterance the CTC table
+        frontend = tokens * (half * (4 * m + 6 * c) + half * a.d_model + 4 * vocab + 12)
+        extra = b * (frontend + ctc_bytes(tokens, int(a.max_seconds * CHARACTERS_PER_SECOND))) \
+            + copies * (3 * m * c + 3 * c * c + c * a.d_model + a.d_model * vocab)
+        return [_part("audio", _params(lambda: AuT(a)), a, b * tokens, half, extra)]
     if stage == "vision":
-        return [_transformer_part("vit", v, vit_embed + v.d_model * v.embed_dim, b * patches),
-                _transformer_part("text tower", text_tower, cfg.thinker.vocab_size * v.d_model,
-                                  b * v.text_max_len)]
+        patches = (v.image_size // v.patch_size) ** 2 + 1
+        side = (v.image_size // v.patch_size + 1) // 2
+        pixels = 3 * v.image_size**2 * half if half == 2 else 0  # the bf16 copy of each image
+        heads = len(v.attribute_classes) * side * side * 4 * v.d_model * half  # each head's input
+        clip = _params(lambda: CLIP(v, t.vocab_size))
+        text = dataclasses.replace(v, n_layers=v.text_layers, causal=v.text_causal)
+        return [_part("vit", clip - _params(lambda: CLIP(v, t.vocab_size).text), v, b * patches, half,
+                      b * (pixels + heads) + copies * 3 * v.patch_size**2 * v.d_model, rope=False),
+                _part("text tower", _params(lambda: CLIP(v, t.vocab_size).text), text, b * v.text_max_len, half,
+                      rope=False, recompute=False)]
     if stage == "speech":
-        return [_thinker(cfg, 0, trainable=False), Part("codec", codec, False),
-                _transformer_part("talker", k, talker_extra, b * k.max_frames)]
-    if stage == "sft":
-        return [_thinker(cfg, b * train.seq_len), Part("projectors", projectors, True),
-                Part("audio", stack_params(a) + audio_frontend, False),
-                Part("vit", stack_params(v) + vit_embed, False),
-                Part("talker", stack_params(k) + talker_extra, False), Part("codec", codec, False)]
+        text = int(k.max_frames / (1 + CODE_FRAMES_PER_TOKEN))  # the prefix; code steps fill max_frames
+        return [_talker(cfg, b, text, k.max_frames - text, half)]
     raise ValueError(f"no memory plan for stage '{stage}'")
 
 
-def plan_rows(preset: str) -> list[dict]:
-    """One row per stage: parameter counts and the four memory piles in bytes."""
+STAGE_ORDER = ("thinker", "audio", "vision", "speech", "sft")
+
+
+def stage_train_config(stage: str, preset: str) -> tuple[TrainConfig, str]:
+    """The stage's training settings for ``preset`` and where they came from ("stage" or "default")."""
     from muomni.train.stages import STAGES, stage_module
 
+    try:
+        return stage_module(stage).TRAIN_DEFAULTS[preset], "stage"
+    except ModuleNotFoundError as error:
+        if error.name != STAGES[stage]:
+            raise
+        return TrainConfig(), "default"
+
+
+def plan_rows(preset: str, batch_size: int | None = None, precision: str = "bf16") -> list[dict]:
+    """One row per stage: parameter counts and the four memory piles in bytes, at each stage's
+    configured batch or at ``batch_size``, under bf16 autocast or in fp32."""
     cfg = load_preset(preset)
     rows = []
-    for stage in ("thinker", "audio", "vision", "speech", "sft"):
-        try:
-            train = stage_module(stage).TRAIN_DEFAULTS[preset]
-            source = "stage"
-        except ModuleNotFoundError as error:
-            if error.name != STAGES[stage]:
-                raise
-            train, source = TrainConfig(), "default"
-        parts = stage_parts(cfg, stage, train)
+    for stage in STAGE_ORDER:
+        train, source = stage_train_config(stage, preset)
+        if batch_size is not None:
+            train, source = dataclasses.replace(train, batch_size=batch_size), "asked"
+        parts = stage_parts(cfg, stage, train, precision)
         params = sum(p.params for p in parts)
         trainable = sum(p.params for p in parts if p.trainable)
         rows.append({"stage": stage, "batch": train.batch_size, "batch_from": source, "params": params,
@@ -170,7 +279,7 @@ def table(rows: list[dict], budget_gb: float) -> str:
 
 
 def main(args) -> int:
-    """`muomni plan --preset base [--budget-gb 12]`."""
+    """`muomni plan --preset base [--budget-gb 12] [--measure [--measure-batch 2] [--device auto]]`."""
     rows = plan_rows(args.preset)
     print(f"memory plan for preset '{args.preset}' (GB, bf16 autocast, AdamW, flash attention) "
           f"against {args.budget_gb:g} GB")
@@ -178,4 +287,9 @@ def main(args) -> int:
     defaults = [r["stage"] for r in rows if r["batch_from"] == "default"]
     if defaults:
         print(f"(batch of {', '.join(defaults)}: TrainConfig default, the stage module is not present)")
+    if args.measure:
+        from muomni.train.memory_measure import print_measured
+        from muomni.train.trainer import pick_device
+
+        print_measured(args.preset, args.measure_batch, pick_device(args.device))
     return 0

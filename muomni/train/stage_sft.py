@@ -40,6 +40,8 @@ from muomni.checkpoint import CheckpointError, load_checkpoint
 from muomni.config import OmniConfig, TrainConfig, from_dict
 from muomni.data.index import JsonlIndex
 from muomni.data.language import COLOURS, PLACE_PHRASES, SHAPES, SIZES, as_sentence
+from muomni.data.realdata import LJSPEECH_VOICE
+from muomni.data.sources import parse_sources, shares
 from muomni.data.world import HELD_OUT
 from muomni.omni import Media, OmniModel, expand_sequence, media_parts, shift_targets
 from muomni.thinker import IGNORE_INDEX
@@ -206,9 +208,13 @@ def question_turns(first: list[dict[str, Any]], answers: list[tuple[list[dict[st
 
 
 def extra_chats(data_dir: Path, split: str = "train", per_chat: int = 1) -> list[dict[str, Any]]:
-    """Question chats built from the world's manifests of ``split`` (paths relative to ``chat/``).
-    A picture's questions (and their spoken forms) come ``per_chat`` to a chat, one turn each, in a
-    fixed random order; the chat's ``question_kind`` is its first question's."""
+    """Chats built from the manifests of ``split`` (paths relative to ``chat/``): a transcription of
+    every utterance, every image and spoken question, the stories' reading questions, the clips'
+    motion questions; and for real data (`muomni data real`), which has no questions, a caption chat
+    of every image without questions and a spoken answer of every LJSpeech recording (its one voice
+    reads the sentence it is asked to say). A picture's questions (and their spoken forms) come
+    ``per_chat`` to a chat, one turn each, in a fixed random order; the chat's ``question_kind`` is
+    its first question's."""
     rows: list[dict[str, Any]] = []
     images = Path(data_dir) / "images" / f"{split}.jsonl"
     speech = Path(data_dir) / "speech" / f"{split}.jsonl"
@@ -220,9 +226,14 @@ def extra_chats(data_dir: Path, split: str = "train", per_chat: int = 1) -> list
             part = {"type": "audio", "path": f"../speech/{utt['audio']}"}
             rows.append({"kind": "transcribe", "messages": _chat(part, "transcribe this.", utt.get("sentence", utt["text"]))})
             spoken.setdefault(utt.get("sentence", utt["text"]), []).append(part)
+            if utt.get("voice") == LJSPEECH_VOICE:
+                rows.append({"kind": "speak", "speak": True, "answer_audio": part["path"],
+                             "messages": _chat(None, f"say this aloud: {utt['sentence']}", utt["sentence"])})
     if images.is_file():
         for number, img in enumerate(JsonlIndex(images)):
             picture = {"type": "image", "path": f"../images/{img['image']}"}
+            if not img.get("qa") and not img.get("scene") and img.get("captions"):  # real data: captions only
+                rows.append({"kind": "caption", "messages": _chat(picture, "describe the image.", img["captions"][0])})
             qas = list(img.get("qa", []))
             random.Random(number).shuffle(qas)
             written, heard = [], []
@@ -261,6 +272,8 @@ def mix(rows: list[dict[str, Any]], shares: dict[str, float], total: int, seed: 
     for kind, share in present.items():
         pool = by_kind[kind]
         count = round(total * share / scale)
+        if count == 0:  # a short run draws no row of a rare kind
+            continue
         order = torch.cat([torch.randperm(len(pool), generator=generator)
                            for _ in range(math.ceil(count / len(pool)))])[:count]
         mixed += [pool[i] for i in order.tolist()]
@@ -377,12 +390,40 @@ def chat_rows(data_dir: Path, split: str) -> list[dict[str, Any]]:
     return list(JsonlIndex(manifest(data_dir, "chat", split)))
 
 
+def source_chats(data_dir: Path, per_chat: int = 1) -> list[dict[str, Any]]:
+    """The training chats of one data directory: its chat manifest (the world has one) and
+    `extra_chats` (``per_chat`` questions to a picture), with every media path made absolute, so rows
+    of several directories mix."""
+    chat_dir = Path(data_dir) / "chat"
+    rows = chat_rows(data_dir, "train") if (chat_dir / "train.jsonl").is_file() else []
+    rows += extra_chats(data_dir, per_chat=per_chat)
+    if not rows:
+        raise StageError(f"{data_dir} holds no chats and no manifests to build them from (chat/, images/, "
+                         "speech/, video/ or text/ train.jsonl)")
+
+    def anchored(part: Any) -> Any:
+        if isinstance(part, dict) and "path" in part:
+            return {**part, "path": str((chat_dir / part["path"]).resolve())}
+        return part
+
+    return [{**row, "messages": [{**m, "content": [anchored(p) for p in m["content"]]}
+                                 if isinstance(m["content"], list) else m for m in row["messages"]],
+             **({"answer_audio": str((chat_dir / row["answer_audio"]).resolve())} if row.get("answer_audio") else {})}
+            for row in rows]
+
+
 # ----------------------------------------------------------------------------------------------
 # Train and evaluate
 
 
 def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], resume: bool) -> Path:
-    """Fine-tune the assembled model on the world's chats into ``runs_dir/sft``."""
+    """Fine-tune the assembled model on the chats of ``data_dir`` into ``runs_dir/sft``.
+
+    ``data_dir`` may list several directories with weights (`muomni.data.sources`): each gives its
+    share of the rows, mixed by `MIXTURE` within it; the first gives the validation chats and probes.
+    """
+    sources = parse_sources(str(data_dir))
+    data_dir = sources[0].path
     cfg, train_cfg = resolve_configs(preset, TRAIN_DEFAULTS, overrides)
     torch.manual_seed(train_cfg.seed)
     model, notes = assemble(Path(runs_dir), cfg)
@@ -393,8 +434,9 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
     store: dict = {}
     cache = not model.cfg.sft_train_encoders
     rows_seen = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum
-    extra = extra_chats(data_dir, per_chat=model.cfg.sft_questions_per_chat)
-    train_rows = mix(chat_rows(data_dir, "train") + extra, MIXTURE, rows_seen, train_cfg.seed)
+    per_chat = model.cfg.sft_questions_per_chat
+    train_rows = [row for source, count in zip(sources, shares(sources, rows_seen))
+                  for row in mix(source_chats(source.path, per_chat), MIXTURE, count, train_cfg.seed)]
     train_data = ChatSamples(train_rows, chat_dir, model, cache, store)
     val_data = ChatSamples(chat_rows(data_dir, "val"), chat_dir, model, cache, store) \
         if (chat_dir / "val.jsonl").is_file() else None

@@ -205,6 +205,12 @@ def talker_collate(talker: Talker):
     return collate
 
 
+def talker_loss(model: Talker, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The Talker's training loss on a `talker_collate` batch (see `muomni.talker.Talker.loss`)."""
+    return model.loss(batch["hidden"], batch["embeds"], batch["cond_mask"], batch["inputs"], batch["targets"],
+                      batch["durations"], batch["voices"], batch["texts"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading trained parts
 
@@ -288,9 +294,7 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
                            utterance_durations(aut, tokenizer, utts, codes), sentences)
 
     run_stage(f"{STAGE}/talker", runs_dir, talker, omni, talker_train, spoken(train_utts), talker_collate(talker),
-              lambda model, batch: model.loss(batch["hidden"], batch["embeds"], batch["cond_mask"], batch["inputs"],
-                                              batch["targets"], batch["durations"], batch["voices"], batch["texts"]),
-              val_data=spoken(val_utts), resume=resume, preset=preset)
+              talker_loss, val_data=spoken(val_utts), resume=resume, preset=preset)
 
     summary = {"stage": STAGE, "preset": preset, "model": to_dict(omni), "train": to_dict(talker_train),
                "codec_train": to_dict(codec_train), "seconds": round(time.time() - started, 1), "finished": True}

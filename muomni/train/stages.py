@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from muomni.checkpoint import resolve
 from muomni.config import ConfigError, OmniConfig, TrainConfig, apply_overrides, preset as load_preset, to_dict
+from muomni.data.sources import is_several
 from muomni.data.world import VERSION as WORLD_VERSION
 from muomni.train.trainer import LossFn, Trainer
 
@@ -130,6 +131,9 @@ def is_finished(runs_dir: Path, stage: str) -> bool:
 def main(args) -> int:
     """`muomni train --stage S --preset P [--data DIR] [--out DIR] [--set k=v ...] [--resume]`."""
     module = stage_module(args.stage)
+    if is_several(args.data) and args.stage != "sft":
+        raise StageError(f"stage {args.stage} reads one data directory; only stage sft mixes several "
+                         f"(--data DIR[=WEIGHT],DIR[=WEIGHT],...), got '{args.data}'")
     runs_dir = Path(args.out or f"runs/{args.preset}")
     module.train(args.preset, Path(args.data), runs_dir, list(args.overrides), args.resume)
     return 0

@@ -3,8 +3,8 @@
 A stage hands the `Trainer` a model, a map-style dataset, a collate function and a loss function
 ``loss_fn(model, batch) -> (loss, metrics)``; the Trainer does the rest:
 
-- device auto-detection (cuda > mps > cpu), bf16 autocast on CUDA, fp32 elsewhere, optional
-  ``torch.compile`` and gradient checkpointing;
+- device auto-detection (cuda > mps > cpu), bf16 autocast on CUDA (on any device with
+  ``precision="bf16"``), fp32 elsewhere, optional ``torch.compile`` and gradient checkpointing;
 - AdamW (fused kernel on CUDA and CPU) with weight decay on matrices only, linear warmup then cosine decay
   (Loshchilov & Hutter, 2019), gradient accumulation and clipping;
 - periodic validation, ``best/`` and ``last/`` checkpoints, ``metrics.jsonl``, ``loss.png``, ``run.json``;
@@ -56,6 +56,19 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The forward pass's number format: bf16 autocast on CUDA ("auto") or on any device ("bf16"),
+    else plain fp32. Master weights, gradients and AdamW state stay fp32 either way."""
+    if precision not in PRECISIONS:
+        raise TrainError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -127,6 +140,7 @@ class Trainer:
             dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        autocast(self.device, cfg.precision)  # an unknown precision fails here, before any work
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
@@ -204,9 +218,7 @@ class Trainer:
                 for key, value in batch.items()}
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.cfg.precision)
 
     def _all_reduce(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
