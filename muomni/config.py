@@ -112,9 +112,9 @@ class VisionConfig(TransformerConfig):
     n_kv_heads: int = 4
     image_size: int = 224  # images are resized to image_size x image_size
     patch_size: int = 16  # square patches; the grid is image_size // patch_size per side
-    conv_stem: int = 0  # channels of a small convolutional stem before the patches (0: the plain linear
-    # patch embedding). Early convolutions see edges and corners, which a tiny ViT trained on few
-    # pictures otherwise learns slowly (Xiao et al., 2021, "Early Convolutions Help Transformers See Better")
+    conv_stem: int = 0  # channels of a convolutional stem in place of the linear patch embedding (0: none):
+    # 3x3 convolutions of stride 2 until a pixel is a patch (`vision.conv_stem`). Early convolutions see
+    # edges and corners, which a tiny ViT otherwise learns slowly (Xiao et al., 2021)
     embed_dim: int = 128  # width of the shared image-text embedding space
     text_layers: int = 2  # depth of the contrastive text tower
     text_max_len: int = 48  # longest caption (tokens) the text tower reads
@@ -314,12 +314,12 @@ def tiny() -> OmniConfig:
     return OmniConfig(
         thinker=ThinkerConfig(
             d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=1024,
-            max_seq_len=512, tie_embeddings=True, mrope_section=(8, 4, 4),
+            max_seq_len=512, tie_embeddings=True, mrope_section=(8, 4, 4), token_mix=4,
         ),
         audio=AudioConfig(d_model=144, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=432, n_mels=80,
                           conv_channels=144, max_seconds=12.0),
         vision=VisionConfig(d_model=96, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=288,
-                            image_size=64, patch_size=8, embed_dim=96, text_layers=2),
+                            image_size=64, patch_size=8, embed_dim=96, text_layers=2, conv_stem=48),
         codec=CodecConfig(hidden=128, n_codebooks=4, codebook_size=128, codebook_dim=32, ema_decay=0.95,
                           vocoder_channels=64),
         talker=TalkerConfig(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384, dropout=0.1),

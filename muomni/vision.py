@@ -142,6 +142,24 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def conv_stem(patch_size: int, channels: int, d_model: int) -> nn.Sequential:
+    """Early convolutions in place of the patch embedding (Xiao et al., 2021, "Early Convolutions Help
+    Transformers See Better"): log2(patch_size) 3x3 convolutions of stride 2, each with a per-picture
+    norm and ReLU, then a 1x1 convolution: ``(batch, 3, H, W) -> (batch, d_model, H / p, W / p)``.
+    Each patch then sees its neighbours' edges and corners, which is what tells a square from a circle.
+    The norm is GroupNorm of one group, not batch norm: it keeps no running statistics, so a frozen
+    ViT encodes a picture the same way alone or in a batch, in training mode or not."""
+    if patch_size < 2 or patch_size & (patch_size - 1):
+        raise ValueError(f"a conv stem halves the picture until one pixel is a patch; patch_size {patch_size} "
+                         "must be a power of two")
+    layers: list[nn.Module] = []
+    width = 3
+    for _ in range(patch_size.bit_length() - 1):
+        layers += [nn.Conv2d(width, channels, 3, stride=2, padding=1), nn.GroupNorm(1, channels), nn.ReLU()]
+        width = channels
+    return nn.Sequential(*layers, nn.Conv2d(channels, d_model, kernel_size=1))
+
+
 class ViT(nn.Module):
     """Vision Transformer: ``(batch, 3, H, W) -> (batch, 1 + grid_h * grid_w, d_model)``.
 
@@ -153,16 +171,13 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.grid = patch_grid(cfg.image_size, cfg.image_size, cfg.patch_size)
-        # A convolution whose kernel and stride are the patch size is a linear map of each patch. With a
-        # conv stem, two 3x3 convolutions (the second of stride 2) come first and the patches are half as wide.
-        self.stem = None
+        # A convolution whose kernel and stride are the patch size is a linear map of each patch: the
+        # patch embedding of the ViT paper. With a conv stem, 3x3 convolutions of stride 2 halve the picture
+        # until one pixel is one patch, and a 1x1 convolution gives each its d_model features.
         if cfg.conv_stem:
-            if cfg.patch_size % 2:
-                raise ValueError(f"a conv stem halves the patches; patch_size {cfg.patch_size} must be even")
-            self.stem = nn.Sequential(nn.Conv2d(3, cfg.conv_stem, 3, padding=1), nn.GELU(),
-                                      nn.Conv2d(cfg.conv_stem, cfg.conv_stem, 3, stride=2, padding=1), nn.GELU())
-        channels, side = (cfg.conv_stem, cfg.patch_size // 2) if cfg.conv_stem else (3, cfg.patch_size)
-        self.patch_embed = nn.Conv2d(channels, cfg.d_model, kernel_size=side, stride=side)
+            self.patch_embed = conv_stem(cfg.patch_size, cfg.conv_stem, cfg.d_model)
+        else:
+            self.patch_embed = nn.Conv2d(3, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], cfg.d_model))
         self.dropout = nn.Dropout(cfg.dropout)
@@ -186,8 +201,7 @@ class ViT(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embedding + CLS + positions: ``(batch, 3, H, W) -> (batch, 1 + gh * gw, d_model)``."""
         grid = self.patch_grid(images.shape[-2], images.shape[-1])
-        pixels = images if self.stem is None else self.stem(images)  # (batch, conv_stem, H / 2, W / 2)
-        patches = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (batch, gh * gw, d_model)
+        patches = self.patch_embed(images).flatten(2).transpose(1, 2)  # (batch, gh * gw, d_model)
         cls = self.cls_token.expand(images.shape[0], -1, -1)
         return self.dropout(torch.cat([cls, patches], dim=1) + self.position_embeddings(grid))
 

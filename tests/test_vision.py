@@ -25,6 +25,18 @@ CFG = VisionConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64, ima
 # ViT
 
 
+def test_a_conv_stem_gives_one_token_per_patch_and_encodes_a_picture_alone_as_in_a_batch():
+    torch.manual_seed(0)
+    vit = ViT(dataclasses.replace(CFG, conv_stem=8))
+    images = torch.randn(3, 3, 32, 32)
+    batched = vit(images)
+    assert batched.shape == (3, 1 + 16, CFG.d_model)
+    vit.eval()  # a frozen ViT runs in eval mode: the stem's norm must not care
+    assert torch.allclose(vit(images[1:2])[0], batched[1], atol=1e-5)
+    with pytest.raises(ValueError, match="power of two"):
+        ViT(dataclasses.replace(CFG, conv_stem=8, patch_size=6, image_size=36))
+
+
 def test_vit_returns_cls_and_every_patch():
     vit = ViT(CFG)
     out = vit(torch.randn(2, 3, 32, 32))
