@@ -36,10 +36,10 @@ from muomni.train.stages import resolve_configs, run_stage, stage_checkpoint
 from muomni.train.trainer import pick_device
 
 TRAIN_DEFAULTS = {
-    # ~1.5 minutes on 2 idle CPU cores: 500 steps x 16 rows x 128 tokens = 1M tokens (~5.6 passes over
-    # the world text). 100 steps already reach a low perplexity, but answering the questions in the text
-    # needs the longer run: greedy answers to held-out reading questions go from 32% to 62% correct.
-    "tiny": TrainConfig(steps=500, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, weight_decay=0.1,
+    # ~3 minutes on one idle CPU core (the demo trains it beside the longer audio stage): 900 steps x 16
+    # rows x 128 tokens = 1.8M tokens. 100 steps already reach a low perplexity, but answering the
+    # questions in the text needs the longer run.
+    "tiny": TrainConfig(steps=900, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, weight_decay=0.1,
                         eval_every=250, eval_batches=4, save_every=250, log_every=10),
     # one 12 GB GPU: 5000 steps x 32 rows x 512 tokens = 82M tokens
     "base": TrainConfig(steps=5000, batch_size=32, seq_len=512, lr=1e-3, warmup_steps=200, weight_decay=0.1,
