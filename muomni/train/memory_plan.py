@@ -91,7 +91,8 @@ def block_activation_bytes(cfg: TransformerConfig, half: int = 2, rope: bool = T
     mlp = (4 if cfg.mlp == "swiglu" else 2) * half * ff  # gate|up, silu, product / up, gelu
     if cfg.n_experts:
         mlp *= cfg.n_experts_per_token
-    return norms + normed + qkv + rotary + attention + mlp
+    mix = half * d if cfg.token_mix else 0  # `layers.TokenMix` keeps its convolution's input window
+    return norms + normed + qkv + rotary + attention + mlp + mix
 
 
 def stack_activations(cfg: TransformerConfig, tokens: int, checkpointing: bool, half: int = 2,
@@ -215,10 +216,14 @@ def stage_parts(cfg: OmniConfig, stage: str, train: TrainConfig, precision: str 
         side = (v.image_size // v.patch_size + 1) // 2
         pixels = 3 * v.image_size**2 * half if half == 2 else 0  # the bf16 copy of each image
         heads = len(v.attribute_classes) * side * side * 4 * v.d_model * half  # each head's input
+        # A conv stem (`vision.conv_stem`) keeps per layer its output (the norm's input) and the ReLU's
+        # output, which the next convolution reads. (CUDA's autocast runs the norm in fp32: up to twice this.)
+        sides = [v.image_size >> layer for layer in range(1, v.patch_size.bit_length())] if v.conv_stem else []
+        stem = sum(v.conv_stem * s * s * 2 * half for s in sides)
         clip = _params(lambda: CLIP(v, t.vocab_size))
         text = dataclasses.replace(v, n_layers=v.text_layers, causal=v.text_causal)
         return [_part("vit", clip - _params(lambda: CLIP(v, t.vocab_size).text), v, b * patches, half,
-                      b * (pixels + heads) + copies * 3 * v.patch_size**2 * v.d_model, rope=False),
+                      b * (pixels + heads + stem) + copies * 3 * v.patch_size**2 * v.d_model, rope=False),
                 _part("text tower", _params(lambda: CLIP(v, t.vocab_size).text), text, b * v.text_max_len, half,
                       rope=False, recompute=False)]
     if stage == "speech":
