@@ -56,7 +56,7 @@ LONG_KINDS = ("caption", "transcribe")  # the chat kinds whose answers are sente
 PROBE_PER_KIND = 48  # validation questions per kind asked at each validation for the learning curve
 
 TRAIN_DEFAULTS = {
-    "tiny": TrainConfig(steps=900, batch_size=32, lr=1e-3, min_lr_ratio=0.1, warmup_steps=40,
+    "tiny": TrainConfig(steps=600, batch_size=32, lr=1e-3, min_lr_ratio=0.1, warmup_steps=40,
                         weight_decay=0.01, eval_every=300, eval_batches=2, save_every=300, log_every=10),
     "base": TrainConfig(steps=6000, batch_size=64, lr=5e-4, min_lr_ratio=0.1, warmup_steps=300,
                         weight_decay=0.01, eval_every=500, eval_batches=8, save_every=500, log_every=20),

@@ -46,7 +46,7 @@ POOL = 100  # retrieval is among this many held-out pairs
 ATTRIBUTES = ("colour", "shape", "size", "place")  # what the attribute heads name, in head order
 
 TRAIN_DEFAULTS = {
-    "tiny": TrainConfig(steps=500, batch_size=128, lr=2e-3, min_lr_ratio=0.05, warmup_steps=40,
+    "tiny": TrainConfig(steps=450, batch_size=128, lr=2e-3, min_lr_ratio=0.05, warmup_steps=40,
                         weight_decay=0.05, eval_every=100, eval_batches=1, save_every=200, log_every=10),
     "base": TrainConfig(steps=6000, batch_size=256, lr=1e-3, min_lr_ratio=0.05, warmup_steps=300,
                         weight_decay=0.05, eval_every=500, eval_batches=4, save_every=500, log_every=20),
