@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from muomni.bench import BenchError, bench_thinker, main, train_step_flops
+from muomni.config import preset
 
 
 def test_bench_thinker_reports_ours_and_reference():
@@ -21,8 +22,11 @@ def test_bench_thinker_reports_ours_and_reference():
     use = result["utilisation"]
     assert use["matmul_peak_gflop_s"] > 0 and use["train_gflop_s"]["ours"] > 0
     assert use["train_ceiling_vs_reference"] > 1.0  # the reference does more than its matmuls
-    # The tiny preset ties its head; the reference never does.
-    assert result["params"]["reference"] - result["params"]["ours"] == 1024 * 128
+    # The tiny preset ties its head, which the reference never does, and adds a TokenMix filter of
+    # ``token_mix`` taps per channel to each block, which the reference never has.
+    cfg = preset("tiny").thinker
+    token_mix = cfg.n_layers * cfg.d_model * cfg.token_mix
+    assert result["params"]["reference"] - result["params"]["ours"] == cfg.vocab_size * cfg.d_model - token_mix
 
 
 def test_train_step_flops_count_every_matmul():
