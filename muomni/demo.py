@@ -185,11 +185,20 @@ def describe(messages: list[dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
+def ask(model, samples: list[tuple[str, str, dict[str, Any]]], base_dir: Path | None):
+    """Ask ``model`` each sample's question: yields ``(split, kind, row, answer, correct)``, where
+    ``correct`` compares the answer with the row's own (`normalize_answer`)."""
+    from muomni.train.stage_sft import normalize_answer
+
+    for split, kind, row in samples:
+        answer = model.chat(row["messages"][:-1], max_new_tokens=32, base_dir=base_dir).strip()
+        yield split, kind, row, answer, normalize_answer(answer) == normalize_answer(row["messages"][-1]["content"])
+
+
 def answer_samples(data_dir: Path, runs_dir: Path, out_dir: Path) -> str:
     """Ask the trained model two test questions and one wild question per modality, saying which answers
     are wrong, and speak one answer into ``out_dir``."""
     from muomni.omni import OmniModel, SpeechError
-    from muomni.train.stage_sft import normalize_answer
     from muomni.train.stages import is_finished
 
     if not is_finished(runs_dir, "sft"):
@@ -200,13 +209,10 @@ def answer_samples(data_dir: Path, runs_dir: Path, out_dir: Path) -> str:
     _line(f"[answers] {runs_dir / 'sft'} answers held-out questions it never saw (wild: made by factors held "
           "out of training):")
     spoken, right, asked = None, 0, 0
-    for split, kind, row in pick_samples(data_dir):
+    for split, kind, row, text, correct in ask(model, pick_samples(data_dir), chat_dir):
         question = row["messages"][:-1]
-        text = model.chat(question, max_new_tokens=32, base_dir=chat_dir).strip()
-        expected = row["messages"][-1]["content"]
-        correct = normalize_answer(text) == normalize_answer(expected)
         right, asked = right + correct, asked + 1
-        verdict = "right" if correct else f"WRONG, expected: {expected}"
+        verdict = "right" if correct else f"WRONG, expected: {row['messages'][-1]['content']}"
         _line(f"  {split} {SAMPLE_KINDS[kind]}: {describe(question)}")
         _line(f"    muomni: {text or '(an empty answer)'}   ({verdict})")
         if kind == "image_qa" and spoken is None:
