@@ -26,6 +26,18 @@ CONTINUED = ("audio", "vision")  # trained on from the demo's checkpoints, side 
 REUSED = ("thinker", "speech")  # copied as the demo left them
 
 
+def course_runs(demo_runs: Path) -> Path:
+    """Where the course trains: ``<demo_runs>-course``, beside the demo's runs."""
+    return demo_runs.with_name(demo_runs.name + "-course")
+
+
+def trained_runs(demo_runs: Path, stage: str) -> Path | None:
+    """The runs directory whose ``stage`` is finished, the course's before the demo's; None if neither."""
+    from muomni.train.stages import is_finished
+
+    return next((runs for runs in (course_runs(demo_runs), demo_runs) if is_finished(runs, stage)), None)
+
+
 def train_course(preset: str, data_dir: Path, demo_runs: Path, runs_dir: Path) -> dict[str, str]:
     """Copy the demo's stages into ``runs_dir`` and train the course's steps; stage -> status."""
     from muomni.train.stages import is_finished
@@ -57,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
     start = time.time()
     data_dir, out_dir = Path(args.data), Path(args.out)
     demo_runs = Path(args.runs or f"runs/{args.preset}")
-    runs_dir = demo_runs.with_name(demo_runs.name + "-course")
+    runs_dir = course_runs(demo_runs)
     _line(f"μOmni course: preset {args.preset}, data {data_dir}, the demo's runs {demo_runs}, the course's {runs_dir}")
     build_world(args.preset, data_dir)
     demo = train_stages(args.preset, data_dir, demo_runs)

@@ -20,10 +20,14 @@ import argparse
 import json
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import soundfile
+
+if TYPE_CHECKING:  # the model is imported where it is used: `muomni --help` stays quick
+    from muomni.omni import OmniModel
 
 DEMO_STAGES = ("thinker", "audio", "vision", "speech", "sft")
 # Groups train one after the other; the stages inside a group need nothing from each other (vision
@@ -185,7 +189,8 @@ def describe(messages: list[dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
-def ask(model, samples: list[tuple[str, str, dict[str, Any]]], base_dir: Path | None):
+def ask(model: OmniModel, samples: list[tuple[str, str, dict[str, Any]]], base_dir: Path | None
+        ) -> Iterator[tuple[str, str, dict[str, Any], str, bool]]:
     """Ask ``model`` each sample's question: yields ``(split, kind, row, answer, correct)``, where
     ``correct`` compares the answer with the row's own (`normalize_answer`)."""
     from muomni.train.stage_sft import normalize_answer

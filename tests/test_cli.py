@@ -84,3 +84,19 @@ def test_unreadable_media_is_a_clear_error(saved, tmp_path, capsys):
 def test_missing_checkpoint_says_how_to_get_one(tmp_path, capsys):
     assert main(["chat", "--ckpt", str(tmp_path / "none"), "hi"]) == 1
     assert "train the model" in capsys.readouterr().err
+
+
+def test_the_payoff_cells_prefer_the_course_run_to_the_demo_run(tmp_path):
+    import json
+
+    from muomni.course import course_runs, trained_runs
+
+    demo = tmp_path / "tiny"
+    assert course_runs(demo) == tmp_path / "tiny-course"
+    assert trained_runs(demo, "sft") is None
+    for runs, finished in ((demo, True), (course_runs(demo), False)):
+        (runs / "sft").mkdir(parents=True)
+        (runs / "sft" / "run.json").write_text(json.dumps({"finished": finished}))
+    assert trained_runs(demo, "sft") == demo  # an unfinished course run is not shown
+    (course_runs(demo) / "sft" / "run.json").write_text(json.dumps({"finished": True}))
+    assert trained_runs(demo, "sft") == course_runs(demo)
