@@ -313,6 +313,35 @@ def merge_pairs(hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tens
     return hidden.reshape(batch, -1, 2 * dim), (lengths + 1) // 2
 
 
+def word_spans(labels: list[int], space: int) -> list[tuple[int, int]]:
+    """The words a greedy CTC path hears: frame spans ``[start, end)`` from a word's first letter to
+    its last, split where the path says ``space`` (blanks, label 0, inside a word belong to it).
+
+    A path with no letter at all (silence, noise) gives one span over every frame, so a clip always
+    gives at least one token.
+    """
+    spans, start, end = [], None, 0
+    for t, label in enumerate(labels):
+        if label == space and start is not None:
+            spans.append((start, end))
+            start = None
+        elif label not in (0, space):
+            start = t if start is None else start
+            end = t + 1
+    if start is not None:
+        spans.append((start, end))
+    return spans or [(0, len(labels))]
+
+
+def pool_words(hidden: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """One token per word: the mean and the max of its frames side by side.
+
+    hidden ``(T, d)`` at 25 Hz, spans from `word_spans` -> ``(n_words, 2 * d)``, the width of
+    `merge_pairs`' tokens, so the same projector reads either.
+    """
+    return torch.stack([torch.cat([hidden[a:b].mean(0), hidden[a:b].amax(0)]) for a, b in spans])
+
+
 # ----------------------------------------------------------------------------------------------
 # Transcripts, decoding and error rates
 

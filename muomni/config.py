@@ -194,6 +194,14 @@ class OmniConfig:
     # then also gets the Thinker's embeddings of the words its heads read (`projector.VisualWords`).
     # Off by default: on the tiny preset it did not answer more image questions (study/10). (): off.
     visual_words: tuple[tuple[str, ...], ...] = ()
+    # How the AuT's 25 Hz frames become Thinker tokens: "pairs", two frames side by side at 12.5 Hz as
+    # in Qwen-Omni, or "words", one token per word its CTC head hears (`muomni.audio.pool_words`), so
+    # a spoken question takes as many tokens as the written one. The tiny preset hears words: its
+    # small Thinker answered more spoken questions with them, in less time (study/10).
+    audio_tokens: str = "pairs"
+    # With "words": steps that fit the audio projector, before stage E, to put each spoken word of the
+    # world's training speech on the Thinker's embedding of the written word (`train.spoken_words`). 0: off.
+    sft_word_fit_steps: int = 400
     video_frames: int = 4  # frames sampled uniformly from each video clip for the Thinker
     sft_train_encoders: bool = False  # stage E also fine-tunes the AuT and ViT (no cached encoder outputs)
     # Stage E asks up to this many questions about one picture in one chat, a turn each: the picture
@@ -323,7 +331,7 @@ def tiny() -> OmniConfig:
         codec=CodecConfig(hidden=128, n_codebooks=4, codebook_size=128, codebook_dim=32, ema_decay=0.95,
                           vocoder_channels=64),
         talker=TalkerConfig(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384, dropout=0.1),
-        projector_hidden=256,
+        projector_hidden=256, audio_tokens="words",
     )
 
 

@@ -3,7 +3,7 @@
 The Thinker–Talker design of Qwen2.5-Omni (Xu et al., 2025), small::
 
     image/video frames -> ViT -> 2x2 merge ---> vision projector --+
-    audio -> log-mel -> AuT (25 Hz) -> pairs (12.5 Hz) -> audio projector --+--> Thinker -> text
+    audio -> log-mel -> AuT (25 Hz) -> pairs (12.5 Hz) or words -> audio projector --+--> Thinker -> text
     text -> token embeddings -----------------------------------------------+       |
                                                           hidden states + text ids  v
                                                    Talker -> codec codes -> codec decoder
@@ -13,6 +13,9 @@ The Thinker–Talker design of Qwen2.5-Omni (Xu et al., 2025), small::
 directory. The layout of a chat as one sequence (placeholders, multimodal positions) is
 `muomni.sequence`, re-exported here; every decoding step, the Thinker's and the Talker's, runs in
 the one loop of `muomni.engine`. `chat` streams text pieces and speaks each finished sentence.
+
+Audio reaches the Thinker as 12.5 Hz pairs of AuT frames, or, with ``audio_tokens="words"`` (the tiny
+preset), as one token per word the AuT's CTC head hears (`muomni.audio.pool_words`).
 
 Shapes: merged image tokens ``(n_images, mh * mw, 4 * d_vision)``; audio tokens ``(n_tokens,
 2 * d_audio)``; the Thinker sees ``(batch, seq, d_model)`` with ``position_ids`` ``(3, batch, seq)``.
@@ -29,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from muomni.audio import AuT, LogMel, conv_output_lengths, load_audio, merge_pairs
+from muomni.audio import AuT, LogMel, conv_output_lengths, load_audio, merge_pairs, pool_words, word_spans
 from muomni.checkpoint import load_checkpoint, resolve, save_checkpoint
 from muomni.codec import LOG_FLOOR, Codec
 from muomni.config import ConfigError, OmniConfig, SamplingConfig, from_dict
@@ -48,6 +51,7 @@ from muomni.vision import ViT, image_transform, load_image, merge_2x2
 from muomni.vocoder import GriffinLimVocoder
 
 MAX_LOG_MEL = 8.0  # ceiling of a log-magnitude mel handed to the vocoder
+AUDIO_TOKENS = ("pairs", "words")  # how AuT frames become Thinker tokens (`OmniConfig.audio_tokens`)
 SENTENCE_END = re.compile(r"[.?!]\s*$")  # where a streamed answer is cut into spoken chunks
 
 
@@ -74,6 +78,8 @@ class OmniModel(nn.Module):
         self.audio_frontend = LogMel(cfg.audio)
         self.audio = AuT(cfg.audio)
         self.vision = ViT(cfg.vision)
+        if cfg.audio_tokens not in AUDIO_TOKENS:
+            raise ConfigError(f"audio_tokens {cfg.audio_tokens!r} is not one of {', '.join(AUDIO_TOKENS)}")
         self.audio_proj = Projector(self.audio.merged_dim, cfg.projector_hidden, cfg.thinker.d_model)
         self.vision_proj = Projector(4 * cfg.vision.d_model, cfg.projector_hidden, cfg.thinker.d_model)
         self.visual_words = None
@@ -111,6 +117,9 @@ class OmniModel(nn.Module):
         if kind == "audio":
             wave = load_audio(path, self.cfg.audio.sample_rate, self.cfg.audio.max_seconds)
             mel = self.audio_frontend(wave)
+            if self.cfg.audio_tokens == "words":
+                spans = self.word_spans(mel)
+                return Media(kind, len(spans), path.name, raw={"mel": mel, "spans": spans})
             frames = int(conv_output_lengths(torch.tensor(mel.shape[0])))
             return Media(kind, (frames + 1) // 2, path.name, raw={"mel": mel})
         if kind == "image":
@@ -128,11 +137,20 @@ class OmniModel(nn.Module):
         patches = self.vision(pixels.to(self.device))[:, 1:]  # drop CLS: the Thinker reads the patches
         return merge_2x2(patches, grid)[0]
 
-    def encode_mels(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Log-mels ``(frames_i, n_mels)`` -> per clip 12.5 Hz tokens ``(n_tokens_i, 2 * d_audio)``."""
+    @torch.no_grad()
+    def word_spans(self, mel: torch.Tensor) -> list[tuple[int, int]]:
+        """The 25 Hz frame spans of the words the AuT's CTC head hears in one clip's log-mel ``(frames, n_mels)``."""
+        logits, _ = self.audio.ctc_logits(mel[None].to(self.device))
+        return word_spans(logits[0].argmax(-1).tolist(), space=1 + self.cfg.audio.ctc_vocab.index(" "))
+
+    def encode_mels(self, mels: list[torch.Tensor], spans: list[list[tuple[int, int]]] | None = None) -> list[torch.Tensor]:
+        """Log-mels ``(frames_i, n_mels)`` -> per clip 12.5 Hz tokens ``(n_tokens_i, 2 * d_audio)``, or with
+        ``spans`` (`word_spans` per clip) one token per word, ``(n_words_i, 2 * d_audio)``."""
         lengths = torch.tensor([m.shape[0] for m in mels], device=self.device)
         padded = nn.utils.rnn.pad_sequence(mels, batch_first=True).to(self.device)
         hidden, out_lengths = self.audio(padded, lengths)
+        if spans is not None:
+            return [pool_words(hidden[i], clip_spans) for i, clip_spans in enumerate(spans)]
         merged, merged_lengths = merge_pairs(hidden, out_lengths)
         return [merged[i, : int(n)] for i, n in enumerate(merged_lengths)]
 
@@ -146,7 +164,8 @@ class OmniModel(nn.Module):
                 item.tokens = chunk.reshape(-1, chunk.shape[-1])
         heard = [m for m in todo if m.kind == "audio"]
         if heard:
-            for item, tokens in zip(heard, self.encode_mels([m.raw["mel"] for m in heard])):
+            spans = [m.raw["spans"] for m in heard] if self.cfg.audio_tokens == "words" else None
+            for item, tokens in zip(heard, self.encode_mels([m.raw["mel"] for m in heard], spans)):
                 item.tokens = tokens
         for item in todo:
             if item.tokens.shape[0] != item.n_tokens:

@@ -3,7 +3,8 @@
 The encoders speak their own widths and rates; the Thinker reads ``(batch, seq, d_model)``.
 Before projection, neighbouring encoder outputs are *merged* by concatenation: fewer, wider tokens,
 because the Thinker's context is the scarce resource. The encoders' own helpers do the merging
-(`muomni.audio.merge_pairs`: 25 Hz AuT frames in pairs -> 12.5 Hz, width ``2 * d_audio``;
+(`muomni.audio.merge_pairs`: 25 Hz AuT frames in pairs -> 12.5 Hz, width ``2 * d_audio``, or
+`muomni.audio.pool_words`: one token per heard word, the same width;
 `muomni.vision.merge_2x2`: 2x2 blocks of ViT patches, width ``4 * d_vision``). The projector then
 maps each merged token with LayerNorm -> Linear -> GELU -> Linear, the recipe of Qwen2-VL's
 ``PatchMerger`` and nanoVLM's ``ModalityProjector``.

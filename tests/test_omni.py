@@ -296,3 +296,40 @@ def test_visual_words_give_image_tokens_the_words_their_heads_read(tokenizer, me
     torch.testing.assert_close(embeds[0], model.vision_proj(merged) + words(merged))
     with pytest.raises(ConfigError, match="attribute heads"):
         small_model(tokenizer, overrides=(WORLD_WORDS, "vision.attribute_classes=[7,5]"))
+
+
+def test_words_give_one_audio_token_per_word_the_ctc_head_hears(tokenizer, media):
+    from muomni.audio import pool_words, word_spans
+    from muomni.config import ConfigError
+
+    # blank 0, space 1: "ab c" with blanks inside and around the words
+    assert word_spans([0, 2, 0, 3, 1, 0, 4, 4, 0], space=1) == [(1, 4), (6, 8)]
+    assert word_spans([0, 1, 0], space=1) == [(0, 3)]  # nothing heard: one token over the clip
+    hidden = torch.randn(9, 4)
+    pooled = pool_words(hidden, [(1, 4), (6, 8)])
+    torch.testing.assert_close(pooled[1], torch.cat([hidden[6:8].mean(0), hidden[6:8].amax(0)]))
+
+    model = small_model(tokenizer, overrides=('audio_tokens="words"',)).eval()
+    item = model.load_media({"type": "audio", "path": str(media["audio"])})
+    assert item.n_tokens == len(item.raw["spans"]) == len(model.word_spans(item.raw["mel"]))
+    model.encode([item])
+    hidden, _ = model.audio(item.raw["mel"][None])
+    torch.testing.assert_close(item.tokens, pool_words(hidden[0], item.raw["spans"]))
+    with pytest.raises(ConfigError, match="audio_tokens 'letters'"):
+        small_model(tokenizer, overrides=('audio_tokens="letters"',))
+
+
+def test_the_audio_projector_learns_to_put_spoken_words_on_written_ones(tokenizer, media):
+    from muomni.train.spoken_words import fit_audio_projector, spoken_word_pairs
+
+    model = small_model(tokenizer, overrides=('audio_tokens="words"',))
+    heard = model.load_media({"type": "audio", "path": str(media["audio"])}).n_tokens
+    words = ["red", "circle", "big", "left", "star"]
+    rows = [{"audio": str(media["audio"]), "text": " ".join(words[i % 5] for i in range(heard))},
+            {"audio": str(media["audio"]), "text": " ".join(["red"] * (heard + 1))}]  # counts differ: skipped
+    table = {word: torch.randn(model.cfg.thinker.d_model) for word in words}
+    tokens, targets, used = spoken_word_pairs(model, rows, media["audio"].parent, table.__getitem__)
+    assert used == 1 and tokens.shape == (heard, model.audio.merged_dim) and targets.shape == (heard, model.cfg.thinker.d_model)
+    before = torch.nn.functional.mse_loss(model.audio_proj(tokens), targets).item()
+    after = fit_audio_projector(model, tokens, targets, steps=60)
+    assert after < before / 2

@@ -46,6 +46,7 @@ from muomni.data.world import HELD_OUT
 from muomni.omni import Media, OmniModel, expand_sequence, media_parts, shift_targets
 from muomni.thinker import IGNORE_INDEX
 from muomni.tokenizer import Tokenizer
+from muomni.train.spoken_words import fit_audio_projector, spoken_word_pairs
 from muomni.train.stages import StageError, manifest, resolve_configs, run_stage, stage_checkpoint
 
 STAGE = "sft"
@@ -56,7 +57,7 @@ LONG_KINDS = ("caption", "transcribe")  # the chat kinds whose answers are sente
 PROBE_PER_KIND = 48  # validation questions per kind asked at each validation for the learning curve
 
 TRAIN_DEFAULTS = {
-    "tiny": TrainConfig(steps=600, batch_size=32, lr=1e-3, min_lr_ratio=0.1, warmup_steps=40,
+    "tiny": TrainConfig(steps=800, batch_size=32, lr=1e-3, min_lr_ratio=0.1, warmup_steps=40,
                         weight_decay=0.01, eval_every=300, eval_batches=2, save_every=300, log_every=10),
     "base": TrainConfig(steps=6000, batch_size=64, lr=5e-4, min_lr_ratio=0.1, warmup_steps=300,
                         weight_decay=0.01, eval_every=500, eval_batches=8, save_every=500, log_every=20),
@@ -145,6 +146,23 @@ def assemble(runs_dir: Path, cfg: OmniConfig) -> tuple[OmniModel, list[str]]:
             load_part(model.visual_words.heads, found["vision"][0], "attribute heads", found["vision"][2])
         model.visual_words.init_words(lambda head, cls: word_embedding(model, cfg.visual_words[head][cls - 1]))
     return model, notes
+
+
+def fit_spoken_words(model: OmniModel, data_dir: Path, steps: int, seed: int) -> None:
+    """Fit the audio projector on the spoken words of ``data_dir/speech/train.jsonl`` (`spoken_words`)."""
+    path = data_dir / "speech" / "train.jsonl"
+    if not path.is_file():
+        print(f"sft: no {path}; the audio projector starts untrained")
+        return
+    index = JsonlIndex(path, required=("audio", "text"))
+    rows = [index[i] for i in range(len(index))]
+    tokens, targets, used = spoken_word_pairs(model, rows, path.parent, lambda word: word_embedding(model, word))
+    if not used:
+        print("sft: no recording's heard words matched its transcript; the audio projector starts untrained")
+        return
+    loss = fit_audio_projector(model, tokens, targets, steps, seed)
+    print(f"sft: audio projector fitted to {len(tokens)} spoken words of {used} of {len(rows)} recordings "
+          f"in {steps} steps (mean squared error {loss:.3g})")
 
 
 def word_embedding(model: OmniModel, word: str) -> torch.Tensor:
@@ -432,6 +450,8 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
     for note in notes:
         print(f"sft: {note}")
     freeze(model, model.cfg.sft_train_encoders)
+    if model.cfg.audio_tokens == "words" and model.cfg.sft_word_fit_steps:
+        fit_spoken_words(model, Path(data_dir), model.cfg.sft_word_fit_steps, train_cfg.seed)
     chat_dir = Path(data_dir) / "chat"
     store: dict = {}
     cache = not model.cfg.sft_train_encoders
