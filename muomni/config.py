@@ -202,7 +202,10 @@ class OmniConfig:
     # With "words": steps that fit the audio projector, before stage E, to put each spoken word of the
     # world's training speech on the Thinker's embedding of the written word (`train.spoken_words`). 0: off.
     sft_word_fit_steps: int = 400
-    video_frames: int = 4  # frames sampled uniformly from each video clip for the Thinker
+    # Frames sampled uniformly from each video clip for the Thinker. The tiny preset reads two: a motion
+    # question then compares where the object is in one frame and in the other, and its small Thinker
+    # learnt motion in 800 stage-E steps with two frames, not with four (study/10).
+    video_frames: int = 4
     sft_train_encoders: bool = False  # stage E also fine-tunes the AuT and ViT (no cached encoder outputs)
     # Stage E asks up to this many questions about one picture in one chat, a turn each: the picture
     # is read once and every answer teaches, so a step holds several lookups instead of one.
@@ -331,7 +334,7 @@ def tiny() -> OmniConfig:
         codec=CodecConfig(hidden=128, n_codebooks=4, codebook_size=128, codebook_dim=32, ema_decay=0.95,
                           vocoder_channels=64),
         talker=TalkerConfig(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=384, dropout=0.1),
-        projector_hidden=256, audio_tokens="words",
+        projector_hidden=256, audio_tokens="words", video_frames=2,
     )
 
 

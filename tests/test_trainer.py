@@ -263,3 +263,42 @@ def test_precision_picks_autocast_on_any_device_and_names_unknown_ones():
         assert not torch.is_autocast_enabled("cpu")  # fp32 off CUDA unless asked
     with pytest.raises(TrainError, match="unknown precision 'fp16'; choose one of auto, bf16, fp32"):
         autocast(torch.device("cpu"), "fp16")
+
+
+class ScriptedReader(nn.Module):
+    """A stand-in Thinker that writes a scripted continuation for each prompt it reads (characters as ids)."""
+
+    def __init__(self, script: dict[str, str]):
+        super().__init__()
+        self.head = nn.Linear(1, 1)
+        self.script = script
+
+    def generate(self, ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+        prompts = ["".join(map(chr, row[mask.bool()].tolist())) for row, mask in zip(ids, attention_mask)]
+        assert all(row[: int((mask == 0).sum())].eq(0).all() for row, mask in zip(ids, attention_mask))  # left padding
+        return [[ord(c) for c in self.script[prompt]] for prompt in prompts]
+
+
+class CharReader:
+    pad_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(map(chr, ids))
+
+
+def test_reading_scores_what_the_thinker_writes_up_to_the_first_full_stop():
+    from muomni.train.stage_thinker import reading
+
+    questions = [
+        {"question": "a red circle at the top. where is the red circle?", "answer": "top", "kind": "position"},
+        {"question": "a big star. is the star big or small?", "answer": "big", "kind": "size"},
+        {"question": "a small star. is the star big or small?", "answer": "small", "kind": "size"},
+    ]
+    model = ScriptedReader({questions[0]["question"]: " top. what", questions[1]["question"]: " small. a",
+                            questions[2]["question"]: " small."})
+    result = reading(model, CharReader(), questions, batch_size=2)
+    assert result["n_reading"] == 3 and result["reading_acc"] == pytest.approx(2 / 3)
+    assert result["reading_by_question.position"] == 1.0 and result["reading_by_question.size"] == 0.5

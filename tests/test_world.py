@@ -97,6 +97,18 @@ def test_scene_objects_are_distinct_and_questions_unambiguous():
                 assert qa["answer"] == L.NUMBERS[len(objects)]
 
 
+def test_motion_stories_end_where_their_direction_takes_them():
+    rng = __import__("random").Random(0)
+    step = {"left": (0, -2), "right": (0, 2), "up": (-2, 0), "down": (2, 0)}
+    cells = {phrase: cell for cell, phrase in L.PLACE_PHRASES.items()}
+    for direction in L.DIRECTIONS:
+        for lane in range(3):
+            story = L.motion_story({"shape": "star", "colour": "red", "size": "big"}, direction, lane, rng)
+            told = story.split(". ")  # "there is a big red star <place>", "... moves ...", "now the red star is <place>"
+            start, end = cells[told[0].split("star ")[1]], cells[told[2].split("star is ")[1].rstrip(".")]
+            assert (end[0] - start[0], end[1] - start[1]) == step[direction], story
+
+
 def test_all_language_follows_the_world_rules(small_world):
     for split in W.SPLITS:
         for record in records(small_world / "images" / f"{split}.jsonl"):

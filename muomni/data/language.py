@@ -298,11 +298,16 @@ def scene_document(objects: list[dict], rng: random.Random, pairs: Sequence[tupl
     return " ".join([caption, *(f"{q['question']} {q['answer']}." for q in picked)])
 
 
-def motion_story(mover: dict, direction: str, start: tuple[int, int], rng: random.Random) -> str:
-    """A short story of a moving shape, told with the same words as the clips."""
-    row, col = start
-    drow, dcol = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}[direction]
-    end = (min(2, max(0, row + 2 * drow)), min(2, max(0, col + 2 * dcol)))
+def motion_story(mover: dict, direction: str, lane: int, rng: random.Random) -> str:
+    """A short story of a moving shape, told with the same words as the clips.
+
+    As in the clips, the shape crosses the picture along ``lane`` (its row or column, 0-2): it starts
+    on the side it moves away from and ends two cells further on, so the story's places always agree
+    with its direction.
+    """
+    leaving = 2 if direction in ("left", "up") else 0  # the side it starts on
+    horizontal = direction in ("left", "right")
+    start, end = ((lane, leaving), (lane, 2 - leaving)) if horizontal else ((leaving, lane), (2 - leaving, lane))
     name = noun(mover)
     lines = [
         f"there is a {full_noun(mover)} {PLACE_PHRASES[start]}.",

@@ -10,7 +10,8 @@ needed. Documents in one row may attend to each other across ``<|eos|>``; the mo
 
 Data: ``<data>/text/{train,val,test}.jsonl`` (``{"text": ...}`` per line), plus TinyStories converted
 to the same format in ``<data>/../tinystories/text/`` when it is there. Evaluation reports held-out
-perplexity next to a unigram model on the same tokenizer: the gap is what context buys.
+perplexity next to a unigram model on the same tokenizer: the gap is what context buys. It also
+reports `reading`: exact answers to the world's held-out text questions about a scene told in words.
 
 Batches: ``input_ids`` and ``targets``, both ``(batch, seq_len)``.
 """
@@ -164,11 +165,51 @@ def perplexities(model: Thinker, tokenizer: Tokenizer, train_texts: list[str], t
             "unigram_perplexity": math.exp(unigram_nll / len(targets)), "tokens": total_tokens}
 
 
+@torch.no_grad()
+def reading(model: Thinker, tokenizer: Tokenizer, questions: list[dict], batch_size: int = 64) -> dict[str, float]:
+    """Exact answers to text questions about a scene told in words, as the text itself continues.
+
+    ``questions``: ``{"question": "<caption> <question>", "answer": "...", "kind": ...}``. The
+    Thinker continues each question greedily; its answer is what it writes up to the first full
+    stop. Returns ``{"reading_acc", "n_reading", "reading_by_question.<kind>"}``: can it already
+    look things up in what it has read, before stage E teaches it to chat?
+    """
+    right, count = Counter(), Counter()
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start : start + batch_size]
+        ids = [tokenizer.encode(q["question"]) for q in batch]
+        width = max(map(len, ids))
+        padded = torch.tensor([[tokenizer.pad_id] * (width - len(row)) + row for row in ids])
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
+        device = model.head.weight.device
+        written = model.generate(padded.to(device), attention_mask=mask.to(device), max_new_tokens=8)
+        for question, new in zip(batch, written):
+            count[question["kind"]] += 1
+            right[question["kind"]] += tokenizer.decode(new).split(".")[0].strip() == question["answer"]
+    return {"reading_acc": sum(right.values()) / max(1, sum(count.values())), "n_reading": sum(count.values()),
+            **{f"reading_by_question.{kind}": right[kind] / count[kind] for kind in sorted(count)}}
+
+
+def reading_questions(data_dir: Path, split: str) -> list[dict]:
+    """The text questions about a scene in the world's ``split`` chats (facts left out: they need no reading)."""
+    path = data_dir / "chat" / f"{split}.jsonl"
+    if not path.is_file():
+        return []
+    return [{"question": row["messages"][0]["content"], "answer": row["messages"][1]["content"].rstrip("."),
+             "kind": row["question_kind"]}
+            for row in JsonlIndex(path) if row["kind"] == "text_qa" and row["question_kind"] != "fact"]
+
+
 def evaluate(runs_dir: Path, data_dir: Path) -> dict:
-    """Held-out (``test``) perplexity of the trained Thinker and of a unigram baseline."""
+    """Held-out (``test``) perplexity of the trained Thinker and of a unigram baseline, and its
+    `reading` of the world's text questions on every held-out split that has them."""
     checkpoint = stage_checkpoint(runs_dir, "thinker")
     model, tokenizer = load_thinker(checkpoint)
+    model.to(pick_device())
     seq_len = json.loads((runs_dir / "thinker" / "run.json").read_text())["train"]["seq_len"]
-    test = perplexities(model.to(pick_device()), tokenizer, read_texts(text_files(data_dir, "train")),
-                        read_texts(text_files(data_dir, "test")), seq_len)
-    return {"test": test}
+    results = {"test": perplexities(model, tokenizer, read_texts(text_files(data_dir, "train")),
+                                    read_texts(text_files(data_dir, "test")), seq_len)}
+    for split in ("test", "comp", "wild"):
+        if questions := reading_questions(data_dir, split):
+            results.setdefault(split, {}).update(reading(model, tokenizer, questions))
+    return results
