@@ -175,13 +175,13 @@ def reading(model: Thinker, tokenizer: Tokenizer, questions: list[dict], batch_s
     look things up in what it has read, before stage E teaches it to chat?
     """
     right, count = Counter(), Counter()
+    device = model.head.weight.device
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
         ids = [tokenizer.encode(q["question"]) for q in batch]
         width = max(map(len, ids))
         padded = torch.tensor([[tokenizer.pad_id] * (width - len(row)) + row for row in ids])
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
-        device = model.head.weight.device
         written = model.generate(padded.to(device), attention_mask=mask.to(device), max_new_tokens=8)
         for question, new in zip(batch, written):
             count[question["kind"]] += 1
