@@ -118,8 +118,7 @@ class OmniModel(nn.Module):
             wave = load_audio(path, self.cfg.audio.sample_rate, self.cfg.audio.max_seconds)
             mel = self.audio_frontend(wave)
             if self.cfg.audio_tokens == "words":
-                spans = self.word_spans(mel)
-                return Media(kind, len(spans), path.name, raw={"mel": mel, "spans": spans})
+                return self.heard_words(mel, path.name)
             frames = int(conv_output_lengths(torch.tensor(mel.shape[0])))
             return Media(kind, (frames + 1) // 2, path.name, raw={"mel": mel})
         if kind == "image":
@@ -140,8 +139,24 @@ class OmniModel(nn.Module):
     @torch.no_grad()
     def word_spans(self, mel: torch.Tensor) -> list[tuple[int, int]]:
         """The 25 Hz frame spans of the words the AuT's CTC head hears in one clip's log-mel ``(frames, n_mels)``."""
-        logits, _ = self.audio.ctc_logits(mel[None].to(self.device))
-        return word_spans(logits[0].argmax(-1).tolist(), space=1 + self.cfg.audio.ctc_vocab.index(" "))
+        return self._hear(mel)[1]
+
+    @torch.no_grad()
+    def _hear(self, mel: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """One AuT pass over a log-mel ``(frames, n_mels)``: its hidden states ``(T, d_audio)`` and word spans."""
+        hidden, _ = self.audio(mel[None].to(self.device))
+        labels = self.audio.ctc_head(hidden[0]).argmax(-1).tolist()
+        return hidden[0], word_spans(labels, space=1 + self.cfg.audio.ctc_vocab.index(" "))
+
+    def heard_words(self, mel: torch.Tensor, name: str) -> Media:
+        """An audio part as one token per heard word. The spans must be known before the chat is laid
+        out, so the AuT runs here; when no gradient can reach the AuT (frozen, or under no_grad) the
+        same pass also gives the tokens, and `encode` has nothing left to do."""
+        hidden, spans = self._hear(mel)
+        item = Media("audio", len(spans), name, raw={"mel": mel, "spans": spans})
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in self.audio.parameters())):
+            item.tokens = pool_words(hidden, spans)
+        return item
 
     def encode_mels(self, mels: list[torch.Tensor], spans: list[list[tuple[int, int]]] | None = None) -> list[torch.Tensor]:
         """Log-mels ``(frames_i, n_mels)`` -> per clip 12.5 Hz tokens ``(n_tokens_i, 2 * d_audio)``, or with

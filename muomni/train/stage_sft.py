@@ -154,8 +154,7 @@ def fit_spoken_words(model: OmniModel, data_dir: Path, steps: int, seed: int) ->
     if not path.is_file():
         print(f"sft: no {path}; the audio projector starts untrained")
         return
-    index = JsonlIndex(path, required=("audio", "text"))
-    rows = [index[i] for i in range(len(index))]
+    rows = list(JsonlIndex(path, required=("audio", "text")))
     tokens, targets, used = spoken_word_pairs(model, rows, path.parent, lambda word: word_embedding(model, word))
     if not used:
         print("sft: no recording's heard words matched its transcript; the audio projector starts untrained")
