@@ -2,7 +2,7 @@
 
 Byte-level BPE (GPT-2; Sennrich et al., 2016 for BPE) first maps text to its UTF-8 bytes, so any
 string - emoji, CJK, combining marks, control characters - encodes without an unknown token and
-decodes back exactly. Merges are learned with Hugging Face ``tokenizers``.
+decodes back exactly (unless the tokenizer was trained to normalise its input, `Tokenizer.train`). Merges are learned with Hugging Face ``tokenizers``.
 
 Special tokens have fixed ids so every checkpoint agrees on them::
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
 from muomni.constants import (AUDIO_ID, BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, IMAGE_ID, MEDIA_KINDS, PAD_ID,
                               SPECIAL_TOKENS, VIDEO_ID)
@@ -58,13 +58,21 @@ class Tokenizer:
     # Building, saving, loading
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-        """Learn BPE merges from ``texts`` until the vocabulary (specials included) has ``vocab_size`` ids."""
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2, normalize: bool = False) -> Tokenizer:
+        """Learn BPE merges from ``texts`` until the vocabulary (specials included) has ``vocab_size`` ids.
+
+        ``normalize``: every text is lowercased and runs of spaces become one before it is split, in
+        training and in every later `encode` (the rule is saved in ``tokenizer.json``). For a corpus
+        written that way, as the world's is: "What  Colour" then reads as the "what colour" the model
+        learnt, instead of bytes it never saw. Decoding then gives the normalised text back.
+        """
         smallest = len(SPECIAL_TOKENS) + N_BYTES
         if vocab_size < smallest:
             raise TokenizerError(f"vocab_size {vocab_size} is too small; byte-level BPE needs at least "
                                  f"{smallest} (8 special tokens + 256 bytes)")
         backend = HFTokenizer(models.BPE())
+        if normalize:
+            backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(" {2,}"), " ")])
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(

@@ -1,5 +1,6 @@
 """Tokenizer: lossless Unicode, atomic special tokens, a stable chat template, assistant-only loss mask."""
 
+import json
 import random
 
 import pytest
@@ -50,6 +51,33 @@ UNICODE = [
 @pytest.mark.parametrize("text", UNICODE)
 def test_unicode_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_normalising_tokenizer_reads_capitals_and_extra_spaces_as_its_corpus_wrote_them(tmp_path):
+    lowercase = Tokenizer.train(CORPUS, vocab_size=320, normalize=True)
+    lowercase.save(tmp_path)
+    for tokenizer in (lowercase, Tokenizer.load(tmp_path)):  # the rule travels in tokenizer.json
+        assert tokenizer.encode("What  Colour is the STAR?") == tokenizer.encode("what colour is the star?")
+        assert tokenizer.decode(tokenizer.encode("The  Red Circle")) == "the red circle"
+        assert tokenizer.encode_chat(CHAT) == Tokenizer.train(CORPUS, vocab_size=320).encode_chat(CHAT)
+    plain = Tokenizer.train(CORPUS, vocab_size=320)
+    assert plain.encode("What") != plain.encode("what")
+
+
+def test_stage_a_normalises_only_a_corpus_without_capitals(tmp_path):
+    from muomni.train.stage_thinker import train
+
+    for text, normalised in (("a red star. what colour is the star? red.", True),
+                             ("A red star. What colour is the star? Red.", False)):
+        data = tmp_path / ("lower" if normalised else "mixed")
+        (data / "text").mkdir(parents=True)
+        for split in ("train", "val"):
+            (data / "text" / f"{split}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+        settings = ["train.steps=1", "train.batch_size=1", "train.seq_len=8", "train.eval_every=0",
+                    "train.save_every=1", "thinker.vocab_size=300"]
+        run = train("tiny", data, data / "runs", settings, resume=False)
+        tokenizer = Tokenizer.load(run / "last")
+        assert (tokenizer.encode("Red") == tokenizer.encode("red")) == normalised
 
 
 def test_random_unicode_round_trip(tok):

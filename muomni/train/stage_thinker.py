@@ -115,7 +115,10 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
     if resume:
         tokenizer = Tokenizer.load(runs_dir / "thinker" / "last")
     else:
-        tokenizer = Tokenizer.train(texts[:TOKENIZER_DOCS], cfg.vocab_size)
+        # A corpus without capitals (the world's) gives a tokenizer that lowercases what it reads, so a
+        # question typed "What colour is the star?" reaches the Thinker as the words it learnt.
+        sample = texts[:TOKENIZER_DOCS]
+        tokenizer = Tokenizer.train(sample, cfg.vocab_size, normalize=not any(text != text.lower() for text in sample))
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but thinker.vocab_size is {cfg.vocab_size}")
     train_data = PackedText(pack(texts, tokenizer, train_cfg.seq_len), tokenizer.pad_id)
