@@ -72,6 +72,10 @@ class ThinkerConfig(TransformerConfig):
     """The decoder-only language model that reads every modality and writes text."""
 
     vocab_size: int = 32000  # tokenizer vocabulary including special tokens
+    # Stage A: share of the world's stories it reads as the chats of stage E (each scene's statements
+    # and question a user turn, the answer the assistant's), the rest as plain text. Stage E is too
+    # short to learn to look things up across a chat's template; here the tokens are cheap (study/10).
+    chat_share: float = 0.0
     max_seq_len: int = 1024  # longest sequence the model accepts (prompt + generation)
     tie_embeddings: bool = False  # share the input embedding with the output head
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
@@ -325,7 +329,7 @@ def tiny() -> OmniConfig:
     return OmniConfig(
         thinker=ThinkerConfig(
             d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, vocab_size=1024,
-            max_seq_len=512, tie_embeddings=True, mrope_section=(8, 4, 4), token_mix=4,
+            max_seq_len=512, tie_embeddings=True, mrope_section=(8, 4, 4), token_mix=4, chat_share=0.5,
         ),
         audio=AudioConfig(d_model=144, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=432, n_mels=80,
                           conv_channels=144, max_seconds=12.0),

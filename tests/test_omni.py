@@ -186,18 +186,6 @@ def test_sft_loss_trains_encoders_only_when_asked(tokenizer, media, train_encode
     assert model.codec.encoder[0].weight.grad is None
 
 
-def test_a_story_becomes_one_chat_per_scene_with_its_answers():
-    from muomni.train.stage_sft import story_chats
-
-    story = ("two shapes. a red star and a blue circle. what colour is the star? red. how many circles are there? "
-             "one. there is a green square. which way did it move? up. five is more than four.")
-    chats = story_chats(story)
-    assert [[m["role"] for m in chat] for chat in chats] == [["user", "assistant", "user", "assistant"],
-                                                             ["user", "assistant"]]
-    assert chats[0][0]["content"] == "two shapes. a red star and a blue circle. what colour is the star?"
-    assert chats[0][3]["content"] == "one." and chats[1][1]["content"] == "up."
-
-
 def test_a_pictures_questions_become_turns_of_one_chat(tmp_path):
     import json
 

@@ -254,6 +254,27 @@ def test_stage_a_packing_separates_documents_with_eos_and_masks_padding():
     assert data[1]["input_ids"].tolist() == [101, 102, 103, 2] and data[1]["targets"].tolist() == [102, 103, 2, -100]
 
 
+def test_stage_a_writes_a_share_of_the_stories_as_the_chats_of_stage_e():
+    from muomni.data.language import story_chats
+    from muomni.tokenizer import Tokenizer
+    from muomni.train.stage_thinker import pack
+
+    stories = ["a red star. what colour is the star? red.", "a blue circle. how many circles are there? one.",
+               "five is more than four.", "a big square. is the square big or small? big."]
+    tok = Tokenizer.train(stories * 3, vocab_size=300)
+
+    def stream(rows):
+        return [i for i in rows.flatten().tolist() if i != tok.pad_id]
+
+    plain = [tok.encode(story) + [tok.eos_id] for story in stories]
+    chat = [tok.encode_chat(story_chats(story)[0])[0] + [tok.eos_id] for story in stories if "?" in story]
+    assert stream(pack(stories, tok, seq_len=16)) == sum(plain, [])
+    # every second story, spread evenly: the second and the fourth, as chats
+    assert stream(pack(stories, tok, seq_len=16, chat_share=0.5)) == plain[0] + chat[1] + plain[2] + chat[2]
+    # a story without a question stays text
+    assert stream(pack(stories, tok, seq_len=16, chat_share=1.0)) == chat[0] + chat[1] + plain[2] + chat[2]
+
+
 def test_precision_picks_autocast_on_any_device_and_names_unknown_ones():
     from muomni.train.trainer import TrainError, autocast
 

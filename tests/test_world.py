@@ -347,3 +347,13 @@ def test_the_plan_does_not_depend_on_the_process():
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(digests) == 1
+
+
+def test_a_story_becomes_one_chat_per_scene_with_its_answers():
+    story = ("two shapes. a red star and a blue circle. what colour is the star? red. how many circles are there? "
+             "one. there is a green square. which way did it move? up. five is more than four.")
+    chats = L.story_chats(story)
+    assert [[m["role"] for m in chat] for chat in chats] == [["user", "assistant", "user", "assistant"],
+                                                             ["user", "assistant"]]
+    assert chats[0][0]["content"] == "two shapes. a red star and a blue circle. what colour is the star?"
+    assert chats[0][3]["content"] == "one." and chats[1][1]["content"] == "up."

@@ -367,3 +367,28 @@ def free_sentence(rng: random.Random, pairs: Sequence[tuple[str, str]] = ALL_PAI
         named = {(a, b.removesuffix("s")) for a, b in zip(words, words[1:]) if a in COLOURS and b.rstrip("s") in SHAPES}
         if named <= set(pairs):
             return text
+
+
+def story_chats(text: str) -> list[list[dict[str, str]]]:
+    """A world story as chats, one per scene: the statements before a question and the question are
+    a user turn, the sentence after it the assistant's answer, and further questions about the same
+    scene further turns. A statement after an answer starts the next chat (a new scene); statements
+    after the last answer are dropped.
+
+    >>> story_chats("a red star. what colour is the star? red. two and two make four.")
+    [[{'role': 'user', 'content': 'a red star. what colour is the star?'}, {'role': 'assistant', 'content': 'red.'}]]
+    """
+    chats: list[list[dict[str, str]]] = []
+    said: list[str] = []
+    sentences = [s.strip() for s in re.findall(r"[^.?]+[.?]", text)]
+    for previous, sentence in zip([""] + sentences, sentences):
+        if previous.endswith("?"):
+            chats[-1].append({"role": "assistant", "content": sentence})
+        elif sentence.endswith("?"):
+            if said or not chats:
+                chats.append([])
+            chats[-1].append({"role": "user", "content": " ".join(said + [sentence])})
+            said = []
+        else:
+            said.append(sentence)
+    return chats

@@ -39,7 +39,7 @@ from muomni.audio import LogMel, cer, load_audio
 from muomni.checkpoint import CheckpointError, load_checkpoint
 from muomni.config import OmniConfig, TrainConfig, from_dict
 from muomni.data.index import JsonlIndex
-from muomni.data.language import COLOURS, PLACE_PHRASES, SHAPES, SIZES, as_sentence
+from muomni.data.language import COLOURS, PLACE_PHRASES, SHAPES, SIZES, as_sentence, story_chats
 from muomni.data.realdata import LJSPEECH_VOICE
 from muomni.data.sources import parse_sources, shares
 from muomni.data.world import HELD_OUT
@@ -189,31 +189,6 @@ def freeze(model: OmniModel, train_encoders: bool) -> None:
 def _chat(media: dict[str, Any] | None, question: str, answer: str) -> list[dict[str, Any]]:
     content = ([media] if media else []) + [{"type": "text", "text": question}]
     return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-
-
-def story_chats(text: str) -> list[list[dict[str, Any]]]:
-    """A world story as chats, one per scene: the statements before a question and the question are
-    a user turn, the sentence after it the assistant's answer, and further questions about the same
-    scene further turns. A statement after an answer starts the next chat (a new scene); statements
-    after the last answer are dropped.
-
-    >>> story_chats("a red star. what colour is the star? red. two and two make four.")
-    [[{'role': 'user', 'content': 'a red star. what colour is the star?'}, {'role': 'assistant', 'content': 'red.'}]]
-    """
-    chats: list[list[dict[str, Any]]] = []
-    said: list[str] = []
-    sentences = [s.strip() for s in re.findall(r"[^.?]+[.?]", text)]
-    for previous, sentence in zip([""] + sentences, sentences):
-        if previous.endswith("?"):
-            chats[-1].append({"role": "assistant", "content": sentence})
-        elif sentence.endswith("?"):
-            if said or not chats:
-                chats.append([])
-            chats[-1].append({"role": "user", "content": " ".join(said + [sentence])})
-            said = []
-        else:
-            said.append(sentence)
-    return chats
 
 
 def question_turns(first: list[dict[str, Any]], answers: list[tuple[list[dict[str, Any]], str]]) -> list[dict[str, Any]]:

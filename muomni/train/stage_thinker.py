@@ -9,7 +9,10 @@ needed. Documents in one row may attend to each other across ``<|eos|>``; the mo
 ``<|eos|>`` starts something new.
 
 Data: ``<data>/text/{train,val,test}.jsonl`` (``{"text": ...}`` per line), plus TinyStories converted
-to the same format in ``<data>/../tinystories/text/`` when it is there. Evaluation reports held-out
+to the same format in ``<data>/../tinystories/text/`` when it is there. A share of the world's stories
+(``thinker.chat_share``; half on the tiny preset) is written as the chats stage E will show, template
+and all: stage E is short, and looking things up across a chat's header is learnt here instead, where
+tokens are cheap (study/10). Evaluation reports held-out
 perplexity next to a unigram model on the same tokenizer: the gap is what context buys. It also
 reports `reading`: exact answers to the world's held-out text questions about a scene told in words.
 
@@ -31,6 +34,7 @@ from torch.utils.data import Dataset
 from muomni.checkpoint import load_checkpoint, resolve
 from muomni.config import ThinkerConfig, TrainConfig, from_dict
 from muomni.data.index import JsonlIndex
+from muomni.data.language import story_chats
 from muomni.thinker import Thinker
 from muomni.tokenizer import Tokenizer
 from muomni.train.stages import resolve_configs, run_stage, stage_checkpoint
@@ -63,13 +67,22 @@ def read_texts(files: list[Path]) -> list[str]:
     return [record["text"] for path in files for record in JsonlIndex(path, required=("text",), cache=False)]
 
 
-def pack(texts: list[str], tokenizer: Tokenizer, seq_len: int, chunk: int = 10_000) -> torch.Tensor:
+def pack(texts: list[str], tokenizer: Tokenizer, seq_len: int, chunk: int = 10_000,
+         chat_share: float = 0.0) -> torch.Tensor:
     """Documents -> ``(rows, seq_len + 1)`` int64 token rows: ``doc <|eos|> doc <|eos|> ...`` cut into
-    rows; the tail of the last row is ``<|pad|>``."""
+    rows; the tail of the last row is ``<|pad|>``.
+
+    ``chat_share``: that share of the documents, spread evenly, is written as the chats stage E will
+    show (`language.story_chats` through `Tokenizer.encode_chat`, one ``<|eos|>`` after each chat) when
+    it asks questions; the rest, and documents without a question, stay plain text.
+    """
     pieces = []
     for start in range(0, len(texts), chunk):  # int32 chunks keep big corpora (TinyStories) compact
-        for ids in tokenizer.encode_batch(texts[start:start + chunk]):
-            pieces.append(np.asarray(ids + [tokenizer.eos_id], dtype=np.int32))
+        for index, ids in enumerate(tokenizer.encode_batch(texts[start:start + chunk]), start):
+            as_chat = int((index + 1) * chat_share) > int(index * chat_share)
+            chats = story_chats(texts[index]) if as_chat else []
+            for ids in [tokenizer.encode_chat(chat)[0] for chat in chats] or [ids]:
+                pieces.append(np.asarray(ids + [tokenizer.eos_id], dtype=np.int32))
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     width = seq_len + 1
     rows = -(-len(stream) // width)
@@ -111,7 +124,12 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
     cfg = omni.thinker
     if train_cfg.seq_len > cfg.max_seq_len:
         raise ValueError(f"train.seq_len {train_cfg.seq_len} exceeds thinker.max_seq_len {cfg.max_seq_len}")
-    texts = read_texts(text_files(data_dir, "train"))
+    files = text_files(data_dir, "train")
+    # The world's stories ask and answer in whole sentences, so some can be written as chats
+    # (`ThinkerConfig.chat_share`); other corpora (TinyStories) stay plain text.
+    world = read_texts([path for path in files if path == data_dir / "text" / "train.jsonl"])
+    others = read_texts([path for path in files if path != data_dir / "text" / "train.jsonl"])
+    texts = world + others
     if resume:
         tokenizer = Tokenizer.load(runs_dir / "thinker" / "last")
     else:
@@ -121,7 +139,9 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
         tokenizer = Tokenizer.train(sample, cfg.vocab_size, normalize=not any(text != text.lower() for text in sample))
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but thinker.vocab_size is {cfg.vocab_size}")
-    train_data = PackedText(pack(texts, tokenizer, train_cfg.seq_len), tokenizer.pad_id)
+    rows = torch.cat([pack(world, tokenizer, train_cfg.seq_len, chat_share=cfg.chat_share),
+                      pack(others, tokenizer, train_cfg.seq_len)])
+    train_data = PackedText(rows, tokenizer.pad_id)
     val_data = PackedText(pack(read_texts(text_files(data_dir, "val")), tokenizer, train_cfg.seq_len), tokenizer.pad_id)
 
     torch.manual_seed(train_cfg.seed)
