@@ -309,6 +309,10 @@ class CharReader:
     def decode(self, ids: list[int]) -> str:
         return "".join(map(chr, ids))
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+        return self.encode(text), [False] * len(text)
+
 
 def test_reading_scores_what_the_thinker_writes_up_to_the_first_full_stop():
     from muomni.train.stage_thinker import reading
@@ -323,3 +327,7 @@ def test_reading_scores_what_the_thinker_writes_up_to_the_first_full_stop():
     result = reading(model, CharReader(), questions, batch_size=2)
     assert result["n_reading"] == 3 and result["reading_acc"] == pytest.approx(2 / 3)
     assert result["reading_by_question.position"] == 1.0 and result["reading_by_question.size"] == 0.5
+    # asked as a chat: the question is a user turn, and the answer follows the assistant's header
+    model = ScriptedReader({f"<user>{q['question']}<assistant>": f" {q['answer']}." for q in questions})
+    result = reading(model, CharReader(), questions, batch_size=2, chat=True)
+    assert result["n_reading_chat"] == 3 and result["reading_chat_acc"] == 1.0 and "reading_acc" not in result

@@ -189,19 +189,23 @@ def perplexities(model: Thinker, tokenizer: Tokenizer, train_texts: list[str], t
 
 
 @torch.no_grad()
-def reading(model: Thinker, tokenizer: Tokenizer, questions: list[dict], batch_size: int = 64) -> dict[str, float]:
+def reading(model: Thinker, tokenizer: Tokenizer, questions: list[dict], batch_size: int = 64,
+            chat: bool = False) -> dict[str, float]:
     """Exact answers to text questions about a scene told in words, as the text itself continues.
 
     ``questions``: ``{"question": "<caption> <question>", "answer": "...", "kind": ...}``. The
     Thinker continues each question greedily; its answer is what it writes up to the first full
     stop. Returns ``{"reading_acc", "n_reading", "reading_by_question.<kind>"}``: can it already
-    look things up in what it has read, before stage E teaches it to chat?
+    look things up in what it has read, before stage E teaches it to chat? With ``chat`` the question
+    is a user turn of the chat template and the answer the assistant's (keys ``reading_chat...``).
     """
+    name = "reading_chat" if chat else "reading"
     right, count = Counter(), Counter()
     device = model.head.weight.device
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
-        ids = [tokenizer.encode(q["question"]) for q in batch]
+        ids = [tokenizer.encode_chat([{"role": "user", "content": q["question"]}], add_generation_prompt=True)[0]
+               if chat else tokenizer.encode(q["question"]) for q in batch]
         width = max(map(len, ids))
         padded = torch.tensor([[tokenizer.pad_id] * (width - len(row)) + row for row in ids])
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
@@ -209,8 +213,8 @@ def reading(model: Thinker, tokenizer: Tokenizer, questions: list[dict], batch_s
         for question, new in zip(batch, written):
             count[question["kind"]] += 1
             right[question["kind"]] += tokenizer.decode(new).split(".")[0].strip() == question["answer"]
-    return {"reading_acc": sum(right.values()) / max(1, sum(count.values())), "n_reading": sum(count.values()),
-            **{f"reading_by_question.{kind}": right[kind] / count[kind] for kind in sorted(count)}}
+    return {f"{name}_acc": sum(right.values()) / max(1, sum(count.values())), f"n_{name}": sum(count.values()),
+            **{f"{name}_by_question.{kind}": right[kind] / count[kind] for kind in sorted(count)}}
 
 
 def reading_questions(data_dir: Path, split: str) -> list[dict]:
@@ -225,7 +229,8 @@ def reading_questions(data_dir: Path, split: str) -> list[dict]:
 
 def evaluate(runs_dir: Path, data_dir: Path) -> dict:
     """Held-out (``test``) perplexity of the trained Thinker and of a unigram baseline, and its
-    `reading` of the world's text questions on every held-out split that has them."""
+    `reading` of the world's text questions on every held-out split that has them, asked as text and
+    as chats."""
     checkpoint = stage_checkpoint(runs_dir, "thinker")
     model, tokenizer = load_thinker(checkpoint)
     model.to(pick_device())
@@ -234,5 +239,6 @@ def evaluate(runs_dir: Path, data_dir: Path) -> dict:
                                     read_texts(text_files(data_dir, "test")), seq_len)}
     for split in ("test", "comp", "wild"):
         if questions := reading_questions(data_dir, split):
-            results.setdefault(split, {}).update(reading(model, tokenizer, questions))
+            for chat in (False, True):
+                results.setdefault(split, {}).update(reading(model, tokenizer, questions, chat=chat))
     return results
