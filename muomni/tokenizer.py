@@ -2,7 +2,8 @@
 
 Byte-level BPE (GPT-2; Sennrich et al., 2016 for BPE) first maps text to its UTF-8 bytes, so any
 string - emoji, CJK, combining marks, control characters - encodes without an unknown token and
-decodes back exactly (unless the tokenizer was trained to normalise its input, `Tokenizer.train`). Merges are learned with Hugging Face ``tokenizers``.
+decodes back exactly (unless it was trained to normalise its input: `Tokenizer.train`). Merges are
+learned with Hugging Face ``tokenizers``.
 
 Special tokens have fixed ids so every checkpoint agrees on them::
 
@@ -72,7 +73,8 @@ class Tokenizer:
                                  f"{smallest} (8 special tokens + 256 bytes)")
         backend = HFTokenizer(models.BPE())
         if normalize:
-            backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(" {2,}"), " ")])
+            backend.normalizer = normalizers.Sequence([normalizers.Lowercase(),
+                                                       normalizers.Replace(Regex(" {2,}"), " ")])
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(

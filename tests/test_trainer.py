@@ -310,7 +310,8 @@ class CharReader:
         return "".join(map(chr, ids))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        text += "<assistant>" if add_generation_prompt else ""
         return self.encode(text), [False] * len(text)
 
 

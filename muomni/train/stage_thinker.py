@@ -14,7 +14,8 @@ to the same format in ``<data>/../tinystories/text/`` when it is there. A share 
 and all: stage E is short, and looking things up across a chat's header is learnt here instead, where
 tokens are cheap (study/10). Evaluation reports held-out
 perplexity next to a unigram model on the same tokenizer: the gap is what context buys. It also
-reports `reading`: exact answers to the world's held-out text questions about a scene told in words.
+reports `reading`: exact answers to the world's held-out text questions about a scene told in words,
+asked as text and as chats.
 
 Batches: ``input_ids`` and ``targets``, both ``(batch, seq_len)``.
 """
