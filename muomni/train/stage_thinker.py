@@ -9,13 +9,12 @@ needed. Documents in one row may attend to each other across ``<|eos|>``; the mo
 ``<|eos|>`` starts something new.
 
 Data: ``<data>/text/{train,val,test}.jsonl`` (``{"text": ...}`` per line), plus TinyStories converted
-to the same format in ``<data>/../tinystories/text/`` when it is there. A share of the world's stories
-(``thinker.chat_share``; half on the tiny preset) is written as the chats stage E will show, template
-and all: stage E is short, and looking things up across a chat's header is learnt here instead, where
-tokens are cheap (study/10). Evaluation reports held-out
-perplexity next to a unigram model on the same tokenizer: the gap is what context buys. It also
-reports `reading`: exact answers to the world's held-out text questions about a scene told in words,
-asked as text and as chats.
+to the same format in ``<data>/../tinystories/text/`` when it is there. With ``thinker.chat_share`` a
+share of the world's stories is written as the chats stage E will show, template and all (off by
+default: it did not make stage E answer more, study/10). Evaluation reports held-out perplexity next
+to a unigram model on the same tokenizer: the gap is what context buys. It also reports `reading`:
+exact answers to the world's held-out text questions about a scene told in words, asked as text and
+as chats.
 
 Batches: ``input_ids`` and ``targets``, both ``(batch, seq_len)``.
 """
