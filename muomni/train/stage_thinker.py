@@ -79,10 +79,10 @@ def pack(texts: list[str], tokenizer: Tokenizer, seq_len: int, chunk: int = 10_0
     pieces = []
     for start in range(0, len(texts), chunk):  # int32 chunks keep big corpora (TinyStories) compact
         for index, ids in enumerate(tokenizer.encode_batch(texts[start:start + chunk]), start):
-            as_chat = int((index + 1) * chat_share) > int(index * chat_share)
+            as_chat = int((index + 1) * chat_share) > int(index * chat_share)  # every 1/share-th document
             chats = story_chats(texts[index]) if as_chat else []
-            for ids in [tokenizer.encode_chat(chat)[0] for chat in chats] or [ids]:
-                pieces.append(np.asarray(ids + [tokenizer.eos_id], dtype=np.int32))
+            documents = [tokenizer.encode_chat(chat)[0] for chat in chats] or [ids]
+            pieces += [np.asarray(document + [tokenizer.eos_id], dtype=np.int32) for document in documents]
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     width = seq_len + 1
     rows = -(-len(stream) // width)
@@ -127,8 +127,9 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
     files = text_files(data_dir, "train")
     # The world's stories ask and answer in whole sentences, so some can be written as chats
     # (`ThinkerConfig.chat_share`); other corpora (TinyStories) stay plain text.
-    world = read_texts([path for path in files if path == data_dir / "text" / "train.jsonl"])
-    others = read_texts([path for path in files if path != data_dir / "text" / "train.jsonl"])
+    world_file = data_dir / "text" / "train.jsonl"
+    world = read_texts([path for path in files if path == world_file])
+    others = read_texts([path for path in files if path != world_file])
     texts = world + others
     if resume:
         tokenizer = Tokenizer.load(runs_dir / "thinker" / "last")
