@@ -194,6 +194,40 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
 
 
+class ToyWithBranch(ToyLM):
+    """ToyLM with a second head that only some batches use (as stage E's Talker, used by spoken rows)."""
+
+    def __init__(self):
+        super().__init__(dropout=0.0)
+        self.branch = nn.Linear(16, 1)
+
+
+def branch_on_rank_zero(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    loss, metrics = lm_loss(model, batch)
+    if os.environ.get("RANK") == "0":  # the other process's batch never reaches the branch
+        loss = loss + model.branch(model.emb(batch["ids"])).pow(2).mean()
+    return loss, metrics
+
+
+def _ddp_branch_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    Trainer(ToyWithBranch(), config(batch_size=2, grad_accum=1), out, ToyData(False), collate,
+            branch_on_rank_zero).fit()
+
+
+def test_ddp_trains_a_part_that_only_one_process_uses(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_branch_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    start = ToyWithBranch().branch.weight
+    assert not torch.equal(weights(tmp_path / "last")["branch.weight"], start)  # trained, not skipped
+
+
 def test_unknown_set_key_fails_naming_the_key():
     defaults = {"tiny": TrainConfig(steps=5)}
     omni, train = resolve_configs("tiny", defaults, ["train.lr=0.5", "thinker.n_layers=2"])

@@ -170,8 +170,11 @@ class Trainer:
             self.wrapped = self.loss_module
         elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
+            # A part may go unused in one process's batch (stage E's Talker sees only spoken answers):
+            # DDP must then look for unused parameters, or the processes' gradient exchanges mismatch.
             self.wrapped = DistributedDataParallel(
-                self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         else:
             self.wrapped = self.loss_module
         # The fused kernel updates every parameter in one pass (CUDA and CPU); much faster than the loop.
