@@ -15,7 +15,9 @@ directory. The layout of a chat as one sequence (placeholders, multimodal positi
 the one loop of `muomni.engine`. `chat` streams text pieces and speaks each finished sentence.
 
 Audio reaches the Thinker as 12.5 Hz pairs of AuT frames, or, with ``audio_tokens="words"`` (the tiny
-preset), as one token per word the AuT's CTC head hears (`muomni.audio.pool_words`).
+preset), as one token per word the AuT's CTC head hears (`muomni.audio.pool_words`). A clip's frames
+reach it as each frame's merged tokens, or, with ``video_tokens="difference"``, as the first frame's
+and then each frame's difference from the one before (`muomni.video.frame_differences`).
 
 Shapes: merged image tokens ``(n_images, mh * mw, 4 * d_vision)``; audio tokens ``(n_tokens,
 2 * d_audio)``; the Thinker sees ``(batch, seq, d_model)`` with ``position_ids`` ``(3, batch, seq)``.
@@ -46,12 +48,13 @@ from muomni.sequence import (TICKS_PER_SECOND, TICKS_PER_TOKEN, Media, MediaErro
 from muomni.talker import Talker
 from muomni.thinker import Thinker
 from muomni.tokenizer import Tokenizer
-from muomni.video import read_video
+from muomni.video import frame_differences, read_video
 from muomni.vision import ViT, image_transform, load_image, merge_2x2
 from muomni.vocoder import GriffinLimVocoder
 
 MAX_LOG_MEL = 8.0  # ceiling of a log-magnitude mel handed to the vocoder
 AUDIO_TOKENS = ("pairs", "words")  # how AuT frames become Thinker tokens (`OmniConfig.audio_tokens`)
+VIDEO_TOKENS = ("frames", "difference")  # how a clip's frames become Thinker tokens (`OmniConfig.video_tokens`)
 SENTENCE_END = re.compile(r"[.?!]\s*$")  # where a streamed answer is cut into spoken chunks
 
 
@@ -80,6 +83,8 @@ class OmniModel(nn.Module):
         self.vision = ViT(cfg.vision)
         if cfg.audio_tokens not in AUDIO_TOKENS:
             raise ConfigError(f"audio_tokens {cfg.audio_tokens!r} is not one of {', '.join(AUDIO_TOKENS)}")
+        if cfg.video_tokens not in VIDEO_TOKENS:
+            raise ConfigError(f"video_tokens {cfg.video_tokens!r} is not one of {', '.join(VIDEO_TOKENS)}")
         self.audio_proj = Projector(self.audio.merged_dim, cfg.projector_hidden, cfg.thinker.d_model)
         self.vision_proj = Projector(4 * cfg.vision.d_model, cfg.projector_hidden, cfg.thinker.d_model)
         self.visual_words = None
@@ -177,6 +182,8 @@ class OmniModel(nn.Module):
             merged = self.encode_pixels(torch.cat([m.raw["pixels"] for m in seen]))
             for item, chunk in zip(seen, merged.split([m.raw["pixels"].shape[0] for m in seen])):
                 item.tokens = chunk.reshape(-1, chunk.shape[-1])
+                if item.kind == "video" and self.cfg.video_tokens == "difference":
+                    item.tokens = frame_differences(item.tokens, chunk.shape[0])
         heard = [m for m in todo if m.kind == "audio"]
         if heard:
             spans = [m.raw["spans"] for m in heard] if self.cfg.audio_tokens == "words" else None

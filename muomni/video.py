@@ -135,3 +135,16 @@ def frame_positions(timestamps: torch.Tensor, grid: tuple[int, int], start: int 
     h = torch.arange(grid_h).view(1, grid_h, 1).expand(n_frames, grid_h, grid_w)
     w = torch.arange(grid_w).view(1, 1, grid_w).expand(n_frames, grid_h, grid_w)
     return torch.stack([t, h, w]).reshape(3, -1) + start
+
+
+def frame_differences(tokens: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """A clip's tokens ``(n_frames * tokens_per_frame, d)`` with every frame after the first replaced
+    by its difference from the frame before, same shape.
+
+    The first frame still says what is in the clip. In each later one, whatever stayed where it was
+    cancels and what moved stands out twice: where it left and where it arrived. A motion question
+    then asks where the only tokens that are not nearly zero lie, rather than asking the Thinker to find
+    one object in two frames and compare (`OmniConfig.video_tokens`; study/10).
+    """
+    frames = tokens.reshape(n_frames, -1, tokens.shape[-1])
+    return torch.cat([frames[:1], frames[1:] - frames[:-1]]).reshape(tokens.shape)

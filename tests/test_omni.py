@@ -307,6 +307,23 @@ def test_words_give_one_audio_token_per_word_the_ctc_head_hears(tokenizer, media
         small_model(tokenizer, overrides=('audio_tokens="letters"',))
 
 
+def test_difference_video_tokens_keep_the_first_frame_and_subtract_each_later_one(tokenizer, media):
+    from muomni.config import ConfigError
+
+    part = {"type": "video", "path": str(media["video"])}
+    tokens = {}
+    for way in ("frames", "difference"):
+        model = small_model(tokenizer, overrides=(f'video_tokens="{way}"',))  # same seed: same weights
+        item = model.load_media(part)
+        tokens[way] = model.encode([item])[0].tokens.reshape(len(item.timestamps), -1, item.tokens.shape[-1])
+    frames, difference = tokens["frames"], tokens["difference"]
+    assert frames.shape[0] == 3 and not torch.allclose(frames[1], frames[0])  # the clip moves
+    torch.testing.assert_close(difference[0], frames[0])
+    torch.testing.assert_close(difference[1:], frames[1:] - frames[:-1])
+    with pytest.raises(ConfigError, match="video_tokens 'tubelets'"):
+        small_model(tokenizer, overrides=('video_tokens="tubelets"',))
+
+
 def test_the_audio_projector_learns_to_put_spoken_words_on_written_ones(tokenizer, media):
     from muomni.train.spoken_words import fit_audio_projector, spoken_word_pairs
 
