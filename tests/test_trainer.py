@@ -169,17 +169,26 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-6)
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
+def _join_two_process_group(rank: int, port: int) -> None:
+    """Set the environment torchrun would give process ``rank`` of two, on one CPU thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    _join_two_process_group(rank, port)
     make_trainer(out, config(batch_size=2, grad_accum=2), dropout=0.0).fit()
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     mp.spawn(_ddp_worker, args=(port, str(tmp_path / "ddp")), nprocs=2, join=True)
     make_trainer(tmp_path / "single", config(batch_size=4, grad_accum=2), dropout=0.0).fit()
     a, b = weights(tmp_path / "single" / "last"), weights(tmp_path / "ddp" / "last")
@@ -210,18 +219,14 @@ def branch_on_rank_zero(model: nn.Module, batch: dict) -> tuple[torch.Tensor, di
 
 
 def _ddp_branch_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
-    torch.set_num_threads(1)
+    _join_two_process_group(rank, port)
     torch.manual_seed(0)
     Trainer(ToyWithBranch(), config(batch_size=2, grad_accum=1), out, ToyData(False), collate,
             branch_on_rank_zero).fit()
 
 
 def test_ddp_trains_a_part_that_only_one_process_uses(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     mp.spawn(_ddp_branch_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     start = ToyWithBranch().branch.weight
