@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import socket
 import tarfile
 import threading
 import zipfile
@@ -22,6 +21,7 @@ from muomni.data import realdata as R
 from muomni.data.datasets import ManifestDataset, asr_pair, image_captions
 from muomni.data.download import DownloadError, download, extract
 from muomni.data.index import JsonlIndex
+from ports import free_port
 from realdata_fixtures import coco_tree, librispeech_tree, ljspeech_tree
 
 
@@ -207,9 +207,7 @@ def test_download_resumes_checks_sha_and_caps_size(server, tmp_path):
 
 
 def test_network_failure_is_one_clear_line(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    port = free_port()  # nothing listens here once the probe socket closes
     with pytest.raises(DownloadError) as info:
         download(f"http://127.0.0.1:{port}/x.tar.gz", tmp_path / "x.tar.gz", retries=2, backoff_s=0.0, log=lambda _: None)
     message = str(info.value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from muomni.config import ConfigError, TrainConfig, TransformerConfig
 from muomni.layers import Transformer
 from muomni.train.stages import resolve_configs
 from muomni.train.trainer import Trainer, TrainError, lr_at, param_groups
+from ports import free_port
 
 VOCAB, SEQ = 32, 12
 
@@ -176,19 +176,13 @@ def _join_two_process_group(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     _join_two_process_group(rank, port)
     make_trainer(out, config(batch_size=2, grad_accum=2), dropout=0.0).fit()
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    port = _free_port()
+    port = free_port()
     mp.spawn(_ddp_worker, args=(port, str(tmp_path / "ddp")), nprocs=2, join=True)
     make_trainer(tmp_path / "single", config(batch_size=4, grad_accum=2), dropout=0.0).fit()
     a, b = weights(tmp_path / "single" / "last"), weights(tmp_path / "ddp" / "last")
@@ -226,7 +220,7 @@ def _ddp_branch_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_ddp_trains_a_part_that_only_one_process_uses(tmp_path):
-    port = _free_port()
+    port = free_port()
     mp.spawn(_ddp_branch_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     torch.manual_seed(0)
     start = ToyWithBranch().branch.weight
