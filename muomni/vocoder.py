@@ -15,13 +15,15 @@ and one code frame is ``frames_per_code`` mel frames.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
 from torch.func import functional_call
 
-from muomni.codec import MelFrontend
+from muomni.codec import LOG_FLOOR, MelFrontend
 from muomni.config import CodecConfig
 
 
@@ -67,6 +69,27 @@ class GriffinLimVocoder(nn.Module):
                 spec, self.window, self.cfg.n_fft, self.cfg.hop_length, self.cfg.n_fft, power=1.0,
                 n_iter=self.n_iter, momentum=self.momentum, length=frames * self.cfg.hop_length, rand_init=True)
         return wav
+
+    @torch.no_grad()
+    def vocode_each(self, log_mels: list[torch.Tensor], seed: int | None = 0,
+                    batch_size: int = 16) -> list[torch.Tensor]:
+        """Log-mels ``(n_mels, frames_i)`` of any lengths -> waveforms ``(frames_i * hop_length,)``.
+
+        Mels of like length go through one batched call, padded with silence and cut back after:
+        Griffin-Lim's 32 STFT round trips cost mostly per call, not per sample.
+        """
+        order = sorted(range(len(log_mels)), key=lambda i: log_mels[i].shape[-1])
+        waves: list[torch.Tensor] = [torch.empty(0)] * len(log_mels)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            longest = max(log_mels[i].shape[-1] for i in chunk)
+            batch = torch.full((len(chunk), self.cfg.n_mels, longest), math.log(LOG_FLOOR))
+            for row, i in enumerate(chunk):
+                batch[row, :, :log_mels[i].shape[-1]] = log_mels[i]
+            out = self(batch, seed=seed)
+            for row, i in enumerate(chunk):
+                waves[i] = out[row, :log_mels[i].shape[-1] * self.cfg.hop_length]
+        return waves
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,3 +102,18 @@ def test_generator_terms_do_not_move_the_discriminators():
     alone = torch.autograd.grad(d_loss, list(gan.discriminators.parameters()))
     for a, b in zip(together, alone):
         torch.testing.assert_close(a, b)
+
+
+def test_vocode_each_batches_mels_of_any_length_and_cuts_them_back():
+    cfg = CodecConfig(n_fft=256, hop_length=64, n_mels=40)
+    frontend, vocoder = MelFrontend(cfg), GriffinLimVocoder(cfg, n_iter=16)
+    noise = torch.randn(64 * 50, generator=torch.Generator().manual_seed(0))
+    sound = noise * torch.sin(torch.arange(64 * 50) * 0.01).abs()  # a swelling hiss, like speech's envelope
+    mels = [frontend(sound[None, : 64 * frames])[0] for frames in (30, 50, 40)]
+    waves = vocoder.vocode_each(mels, batch_size=2)
+    assert [w.shape[0] for w in waves] == [64 * 30, 64 * 50, 64 * 40]
+    for mel, wave in zip(mels, waves):  # padding with silence leaves each one's sound as vocoded alone
+        alone = vocoder(mel[None])[0]
+        batched_error = (frontend(wave[None])[0] - mel).abs().mean()
+        alone_error = (frontend(alone[None])[0] - mel).abs().mean()
+        assert batched_error < 1.1 * alone_error + 0.01, (batched_error, alone_error)

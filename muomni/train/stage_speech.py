@@ -307,7 +307,7 @@ def train(preset: str, data_dir: Path, runs_dir: Path, overrides: list[str], res
 
 
 @torch.no_grad()
-def synthesize(talker: Talker, codec: Codec, vocoder: torch.nn.Module,
+def synthesize(talker: Talker, codec: Codec, vocoder: GriffinLimVocoder,
                conds: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0, batch_size: int = 16,
                sampling: SamplingConfig | None = None) -> list[torch.Tensor]:
     """Thinker conditioning per sentence -> waveforms ``(samples,)``: Talker -> codec decoder -> vocoder."""
@@ -319,11 +319,13 @@ def synthesize(talker: Talker, codec: Codec, vocoder: torch.nn.Module,
         embeds, _ = pad([c[1] for c in chunk], 0.0, side="left")
         # A Talker that never says eos stops at 1 s per text token (world speech takes ~0.2 s).
         cap = min(talker.cfg.max_frames, int(FRAMES_PER_TOKEN * hidden.shape[1]))
-        for codes in talker.generate(hidden, embeds, mask, max_frames=cap, sampling=sampling, generator=generator):
-            if codes.shape[1] == 0:
-                waves.append(torch.zeros(codec.cfg.frames_per_code * codec.cfg.hop_length))
-                continue
-            waves.append(vocoder(codec.decode(codes[None]), seed=seed)[0])
+        said = list(talker.generate(hidden, embeds, mask, max_frames=cap, sampling=sampling, generator=generator))
+        spoken = [i for i, codes in enumerate(said) if codes.shape[1] > 0]
+        voiced = vocoder.vocode_each([codec.decode(said[i][None])[0] for i in spoken], seed=seed)
+        chunk_waves = [torch.zeros(codec.cfg.frames_per_code * codec.cfg.hop_length)] * len(said)
+        for i, wave in zip(spoken, voiced):
+            chunk_waves[i] = wave
+        waves += chunk_waves
     return waves
 
 
@@ -347,8 +349,8 @@ def evaluate(runs_dir: Path, data_dir: Path) -> dict[str, Any]:
             return cer(refs, transcribe(aut, aut_frontend, waves))
 
         codes = [codec.encode(u["mel"][None]) for u in utts]
-        gl_original = [vocoder(u["mel"][None])[0] for u in utts]
-        gl_codec = [vocoder(codec.decode(c))[0] for c in codes]
+        gl_original = vocoder.vocode_each([u["mel"] for u in utts])
+        gl_codec = vocoder.vocode_each([codec.decode(c)[0] for c in codes])
         conds = speech_condition(thinker, tokenizer, [u["sentence"] for u in utts])
         start = time.perf_counter()
         spoken = synthesize(talker, codec, vocoder, conds)
