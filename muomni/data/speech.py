@@ -77,7 +77,8 @@ def _speak_raw(text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray
     eSpeak NG carries state from one utterance to the next (noise generators, pitch flutter), so the
     same call gives slightly different audio depending on what was spoken before. Loading the
     library afresh for every utterance (dlopen, initialise, speak, terminate, dlclose: ~15 ms) makes
-    `synthesize` a pure function of its arguments, whatever order or process it runs in.
+    `synthesize` a function of its arguments within a process, whatever order it runs in. Across
+    processes the samples still differ a little (study/04).
     """
     import _ctypes
 
