@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/muomni demo
 
-# The demo, then the course's full tiny model in runs/tiny-course (about 40 minutes more).
+# The demo, then the course's full tiny model in runs/tiny-course (about an hour more on two cores).
 course: $(STAMP)
 	$(BIN)/muomni course
 

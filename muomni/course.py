@@ -7,7 +7,7 @@ the demo's last checkpoints (the AuT and the ViT, side by side, each on one CPU 
 learning-rate schedules restart over the longer runs), reuses the Thinker and the speech stage as they
 are, and then trains stage E afresh for `COURSE_STEPS["sft"]` steps on the better encoders (the
 demo's stage E learnt to read the demo's encoders). It runs whatever part of the demo is missing
-first, then evaluates and answers the sample prompts like the demo. About 40 minutes on two cores after
+first, then evaluates and answers the sample prompts like the demo. About an hour on two cores after
 the demo.
 """
 
