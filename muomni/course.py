@@ -1,6 +1,6 @@
 """`muomni course` (`make course`): the course's full `tiny` model, built on what `make demo` trained.
 
-The demo stops every stage early to stay inside 15 minutes, and its learning curves
+The demo stops every stage early to keep within its minutes, and its learning curves
 (`runs/tiny/*/metrics.jsonl`, `runs/tiny/sft/learning_curve.png`) are still rising where they stop.
 The course copies the demo's stages into ``runs/<preset>-course``, trains the two encoders on from
 the demo's last checkpoints (the AuT and the ViT, side by side, each on one CPU thread; their
