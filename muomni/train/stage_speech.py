@@ -320,12 +320,9 @@ def synthesize(talker: Talker, codec: Codec, vocoder: GriffinLimVocoder,
         # A Talker that never says eos stops at 1 s per text token (world speech takes ~0.2 s).
         cap = min(talker.cfg.max_frames, int(FRAMES_PER_TOKEN * hidden.shape[1]))
         said = list(talker.generate(hidden, embeds, mask, max_frames=cap, sampling=sampling, generator=generator))
-        spoken = [i for i, codes in enumerate(said) if codes.shape[1] > 0]
-        voiced = vocoder.vocode_each([codec.decode(said[i][None])[0] for i in spoken], seed=seed)
-        chunk_waves = [torch.zeros(codec.cfg.frames_per_code * codec.cfg.hop_length)] * len(said)
-        for i, wave in zip(spoken, voiced):
-            chunk_waves[i] = wave
-        waves += chunk_waves
+        voiced = iter(vocoder.vocode_each([codec.decode(codes[None])[0] for codes in said if codes.shape[1]], seed=seed))
+        silence = torch.zeros(codec.cfg.frames_per_code * codec.cfg.hop_length)  # a Talker that said nothing
+        waves += [next(voiced) if codes.shape[1] else silence for codes in said]
     return waves
 
 
