@@ -233,8 +233,12 @@ class TrainConfig:
     lr: float = 3e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50  # linear warmup from 0
-    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
+    # "adamw", or "muon": orthogonalised momentum for the transformer blocks' matrices and AdamW for
+    # the rest (muomni/train/muon.py); both take the same learning rate.
+    optimizer: str = "adamw"
+    weight_decay: float = 0.1  # decoupled decay, applied to matrices only
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
     grad_clip: float = 1.0  # max global grad norm (0 disables)
     eval_every: int = 200  # steps between validations (0 disables)
     eval_batches: int = 8  # micro-batches per validation

@@ -88,8 +88,9 @@ def test_schedule_and_weight_decay_groups():
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 5  # 2 x 2 block norms + final norm
 
 
-def test_exact_resume_is_bit_identical_and_writes_the_run_layout(tmp_path):
-    full = make_trainer(tmp_path / "full", config())
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_exact_resume_is_bit_identical_and_writes_the_run_layout(tmp_path, optimizer):
+    full = make_trainer(tmp_path / "full", config(optimizer=optimizer))
     final = full.fit()
     run = tmp_path / "full"
     for name in ("best", "last"):
@@ -112,10 +113,10 @@ def test_exact_resume_is_bit_identical_and_writes_the_run_layout(tmp_path):
         return lm_loss(model, batch)
 
     with pytest.raises(KeyboardInterrupt):
-        make_trainer(tmp_path / "killed", config(), dies_in_step_five).fit()
+        make_trainer(tmp_path / "killed", config(optimizer=optimizer), dies_in_step_five).fit()
     # A fresh process: different init and RNG state, everything must come from the checkpoint.
     torch.manual_seed(123)
-    resumed = make_trainer(tmp_path / "killed", config(), seed=99)
+    resumed = make_trainer(tmp_path / "killed", config(optimizer=optimizer), seed=99)
     resumed.fit(resume=True)
     a, b = weights(run / "last"), weights(tmp_path / "killed" / "last")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

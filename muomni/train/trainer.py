@@ -5,8 +5,9 @@ A stage hands the `Trainer` a model, a map-style dataset, a collate function and
 
 - device auto-detection (cuda > mps > cpu), bf16 autocast on CUDA (on any device with
   ``precision="bf16"``), fp32 elsewhere, optional ``torch.compile`` and gradient checkpointing;
-- AdamW (fused kernel on CUDA and CPU) with weight decay on matrices only, linear warmup then cosine decay
-  (Loshchilov & Hutter, 2019), gradient accumulation and clipping;
+- AdamW (fused kernel on CUDA and CPU) with weight decay on matrices only, or Muon for the blocks'
+  matrices (`muomni.train.muon`); linear warmup then cosine decay (Loshchilov & Hutter, 2019),
+  gradient accumulation and clipping;
 - periodic validation, ``best/`` and ``last/`` checkpoints, ``metrics.jsonl``, ``loss.png``, ``run.json``;
 - exact resume: weights, optimiser, schedule position, RNG states and data position are saved, so a
   run killed at step k and resumed reaches bit-identical weights to a run that was never stopped;
@@ -36,9 +37,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from muomni.checkpoint import save_checkpoint
-from muomni.config import TrainConfig, to_dict
+from muomni.config import ConfigError, TrainConfig, to_dict
 from muomni.data.datasets import EpochShuffler
 from muomni.layers import Block
+from muomni.train.muon import MuonAdamW, muon_adamw_groups
 
 LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -85,6 +87,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                   sharded: bool = False) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``model``'s trainable parameters: AdamW, or Muon with AdamW (`MuonAdamW`)."""
+    if cfg.optimizer == "adamw":
+        # The fused kernel updates every parameter in one pass (CUDA and CPU); much faster than the loop.
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                 fused=device.type in ("cuda", "cpu") or None)
+    if cfg.optimizer != "muon":
+        raise ConfigError(f"train.optimizer must be 'adamw' or 'muon', got '{cfg.optimizer}'")
+    if sharded:
+        # Orthogonalising needs each whole matrix; FSDP holds a shard of it in each process.
+        raise ConfigError("train.optimizer 'muon' does not run under FSDP (train.fsdp); use DDP or 'adamw'")
+    return MuonAdamW(muon_adamw_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                     momentum=cfg.muon_momentum)
 
 
 class _LossModule(nn.Module):
@@ -177,9 +195,7 @@ class Trainer:
                 find_unused_parameters=True)
         else:
             self.wrapped = self.loss_module
-        # The fused kernel updates every parameter in one pass (CUDA and CPU); much faster than the loop.
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           fused=self.device.type in ("cuda", "cpu") or None)
+        self.optimizer = make_optimizer(model, cfg, self.device, sharded=self.world > 1 and cfg.fsdp)
 
         # Position of the run: optimiser steps done, and the next micro-batch (epoch, index).
         self.step, self.epoch, self.batch_index = 0, 0, 0
