@@ -74,6 +74,10 @@ def test_eval_and_a_chat_with_every_modality(trained, tmp_path, capsys):
     spoken = tmp_path / "answer.wav"
     code = cli(["chat", "--ckpt", str(runs / "sft"), "--image", str(image), "--audio", str(audio),
                 "--video", str(video), "--speak", str(spoken), "--max-new-tokens", "4", "what do you see and hear?"])
-    err = capsys.readouterr().err
-    # A two-step model may answer with blanks: then there is nothing to speak, and it says so in one line.
-    assert (code == 0 and spoken.stat().st_size > 44) or (code == 1 and "nothing to speak" in err), err
+    said = capsys.readouterr()
+    # A two-step model may answer with nothing or with blanks: then there is nothing to speak, it says so
+    # in one line (after an empty answer, or as the error for an answer of blanks) and writes no file.
+    spoke = code == 0 and spoken.exists() and spoken.stat().st_size > 44
+    empty = code == 0 and "nothing to speak" in said.out and not spoken.exists()
+    blanks = code == 1 and "nothing to speak" in said.err and not spoken.exists()
+    assert spoke or empty or blanks, said

@@ -58,7 +58,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     for scale, p in enumerate(muon["params"], start=1):
         p.grad = torch.randn_like(p) * 10.0 ** (scale % 4)
     optimizer.step()
-    moved = torch.tensor([(p - b).pow(2).mean().sqrt() for p, b in zip(muon["params"], before)])
+    moved = torch.stack([(p.detach() - b).pow(2).mean().sqrt() for p, b in zip(muon["params"], before)])
     assert moved.max() / moved.min() < 1.5
 
 
